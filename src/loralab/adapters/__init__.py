@@ -1,0 +1,40 @@
+"""Adapters: what is trainable and how it is inserted. `build_adapter` maps method.adapter to one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loralab.adapters.base import SIDE_FILE, Adapter, LoraView, read_json, require_directory
+from loralab.adapters.lora import LoraAdapter
+from loralab.adapters.peft_any import ADAPTER_CONFIG, AnyPeftAdapter, load_peft_adapter
+from loralab.adapters.subset import BitfitAdapter, FullAdapter
+from loralab.errors import AdapterError
+
+
+def build_adapter(options: Any, head: str) -> Adapter:
+    """The adapter for `method.adapter` options on a model with the given head (seq_cls | causal_lm)."""
+    if options.kind == "lora":
+        return LoraAdapter(head, options)
+    if options.kind == "full":
+        return FullAdapter()
+    if options.kind == "bitfit":
+        return BitfitAdapter(options.train_layernorm)
+    if options.kind == "peft":
+        return AnyPeftAdapter(head, options.peft_type, options.kwargs)
+    raise ValueError(f"no adapter for kind {options.kind!r}")
+
+
+def load_adapter(model: Any, directory: str | Path) -> Any:
+    """Load any adapter loralab writes (or any PEFT adapter) onto a base model, by what the directory holds."""
+    directory = require_directory(Path(directory))
+    kind = read_json(directory / SIDE_FILE).get("adapter") if (directory / SIDE_FILE).is_file() else None
+    subset = {"full": FullAdapter(), "bitfit": BitfitAdapter()}
+    if kind in subset:
+        return subset[kind].load(model, directory)
+    if (directory / ADAPTER_CONFIG).is_file():
+        return load_peft_adapter(model, directory)
+    raise AdapterError(f"{directory} is not an adapter directory (no {ADAPTER_CONFIG} or {SIDE_FILE})")
+
+
+__all__ = ["Adapter", "LoraView", "build_adapter", "load_adapter", "load_peft_adapter"]

@@ -1,0 +1,95 @@
+"""Adapters that PEFT implements: any PEFT config by type name, and the shared PEFT save/load path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from torch import nn
+
+from loralab.adapters.base import LoraView, check_safetensors, read_json, require_directory, write_side_file
+from loralab.errors import AdapterError, ConfigError, unknown
+
+TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class PeftAdapter:
+    """Base for adapters realised as a PEFT model; subclasses build the PeftConfig for a given model."""
+
+    name = "peft"
+
+    def __init__(self, head: str) -> None:
+        self.head = head
+
+    def peft_config(self, model: nn.Module) -> PeftConfig:
+        raise NotImplementedError
+
+    def side_data(self) -> dict:
+        """Method-specific metadata written to loralab.json beside the PEFT files."""
+        return {"adapter": self.name}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        try:
+            return get_peft_model(model, self.peft_config(model))
+        except ValueError as exc:
+            raise ConfigError(f"method.adapter: PEFT cannot apply {self.name} to this model: {exc}") from None
+
+    def lora_modules(self, model: nn.Module) -> dict[str, LoraView]:
+        return {}
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(str(directory))
+        write_side_file(Path(directory), self.side_data())
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        return load_peft_adapter(model, directory)
+
+
+def load_peft_adapter(model: nn.Module, directory: Path, is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT adapter directory onto a base model, failing in one line on missing/corrupt files."""
+    directory = require_directory(directory)
+    read_json(directory / ADAPTER_CONFIG)
+    check_safetensors(directory / ADAPTER_WEIGHTS)
+    try:
+        return PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdapterError(f"cannot load adapter {directory} onto this base model: {first_line}") from None
+
+
+def peft_config_class(peft_type: str) -> type:
+    """PEFT's config class for a type name such as 'LORA', 'IA3' or 'loha' (case-insensitive)."""
+    by_name = {
+        str(key.value if hasattr(key, "value") else key).upper(): cls
+        for key, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+    }
+    name = peft_type.upper().replace("-", "_")
+    if name not in by_name:
+        raise ConfigError("method.adapter.peft_type: " + unknown("PEFT type", peft_type, by_name))
+    return by_name[name]
+
+
+class AnyPeftAdapter(PeftAdapter):
+    """`method.adapter.kind: peft` — any PEFT method by type name plus its keyword arguments."""
+
+    name = "peft"
+
+    def __init__(self, head: str, peft_type: str, kwargs: dict[str, Any]) -> None:
+        super().__init__(head)
+        self.config_class = peft_config_class(peft_type)
+        self.kwargs = dict(kwargs)
+        self.peft_type = peft_type
+        self.peft_config(None)  # validate the keyword arguments before any model is loaded
+
+    def peft_config(self, model: nn.Module | None) -> PeftConfig:
+        try:
+            return self.config_class(task_type=TASK_TYPES[self.head], **self.kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"method.adapter.kwargs for PEFT type {self.peft_type}: {exc}") from None
+
+    def side_data(self) -> dict:
+        return {"adapter": self.name, "peft_type": self.peft_type}

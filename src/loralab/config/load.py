@@ -1,0 +1,312 @@
+"""Compose YAML files and `--set` overrides over the packaged defaults, validate, and hash the result.
+
+Order (later wins): `configs/base.yaml` → the method preset named by `method.name` → each `--config FILE`
+→ each `a.b.c=value` override. Validation happens here, before anything runs: every problem is a
+ConfigError with one line of text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from loralab.config.schema import ADAPTER_OPTIONS, GRADIENT_OPTIONS, MethodConfig, RunConfig
+from loralab.errors import ConfigError, did_you_mean, unknown
+
+CONFIGS = resources.files("loralab") / "configs"
+HASH_EXCLUDED = ("seed", "io", "log")
+
+
+def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Resolve and validate a run configuration from config files and dotted overrides."""
+    return build_run_config(compose(files, overrides))
+
+
+def compose(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Merge base.yaml, the method preset, the files and the overrides into one plain dict."""
+    user: dict = {}
+    for file in files:
+        deep_merge(user, read_yaml_file(Path(file)))
+    for override in overrides:
+        key, value = parse_override(override)
+        set_dotted(user, key, value)
+    merged = read_packaged("base.yaml")
+    deep_merge(merged, {k: v for k, v in user.items() if k != "method"})
+    merged["method"] = compose_method(merged.get("method", {}), user.get("method", {}))
+    return merged
+
+
+def compose_method(base: dict, user: Any) -> dict:
+    """Layer a method: the kind's option defaults ← the preset's section (same kind only) ← the user's keys."""
+    if not isinstance(user, dict):
+        raise ConfigError(f"method must be a mapping, got {type(user).__name__}")
+    name = user.get("name", base.get("name"))
+    preset = read_preset(name)
+    method = {"name": name}
+    for axis, registry in (("adapter", ADAPTER_OPTIONS), ("gradient", GRADIENT_OPTIONS)):
+        preset_part, user_part = preset.get(axis, {}), user.get(axis, {})
+        if not isinstance(user_part, dict):
+            raise ConfigError(f"method.{axis} must be a mapping, got {type(user_part).__name__}")
+        kind = user_part.get("kind", preset_part.get("kind"))
+        if kind not in registry:
+            raise ConfigError(f"method.{axis}.kind: " + unknown(f"{axis} kind", str(kind), registry))
+        section = dataclasses.asdict(registry[kind]())
+        if preset_part.get("kind") == kind:
+            deep_merge(section, preset_part)
+        deep_merge(section, user_part)
+        method[axis] = section
+    unexpected = set(user) - {"name", "adapter", "gradient"}
+    if unexpected:
+        key = sorted(unexpected)[0]
+        raise ConfigError(f"unknown key 'method.{key}'" + did_you_mean(key, ["name", "adapter", "gradient"]))
+    return method
+
+
+def preset_names() -> list[str]:
+    """Names of the packaged method presets (`method.name`)."""
+    return sorted(p.name.removesuffix(".yaml") for p in (CONFIGS / "methods").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name: Any) -> dict:
+    if not isinstance(name, str) or name not in preset_names():
+        raise ConfigError("method.name: " + unknown("method preset", str(name), preset_names()))
+    return read_packaged(f"methods/{name}.yaml")
+
+
+def read_packaged(relative: str) -> dict:
+    return yaml.safe_load((CONFIGS / relative).read_text()) or {}
+
+
+def packaged_experiment(name: str) -> Path:
+    """Path of a packaged experiment config such as `quickstart`."""
+    return Path(str(CONFIGS / "experiments" / f"{name}.yaml"))
+
+
+def read_yaml_file(path: Path) -> dict:
+    """Read one user config file; missing, unreadable or malformed files are ConfigErrors."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b.c=value` and parse the value as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form a.b.c=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(target: dict, source: dict) -> dict:
+    """Merge `source` into `target` in place; nested mappings merge, everything else replaces."""
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_merge(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+
+def build_run_config(data: dict) -> RunConfig:
+    """Validate a composed dict against the schema and return the frozen RunConfig."""
+    method = data.get("method", {})
+    built = build_dataclass(RunConfig, {**data, "method": {}}, "", skip={"method"})
+    method_cfg = MethodConfig(
+        name=method["name"],
+        adapter=build_dataclass(ADAPTER_OPTIONS[method["adapter"]["kind"]], method["adapter"], "method.adapter"),
+        gradient=build_dataclass(GRADIENT_OPTIONS[method["gradient"]["kind"]], method["gradient"], "method.gradient"),
+    )
+    config = dataclasses.replace(built, method=method_cfg)
+    check_combinations(config)
+    return config
+
+
+def build_dataclass(cls: type, data: Any, path: str, skip: set[str] = frozenset()) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key '{join(path, key)}'" + did_you_mean(key, fields))
+    values = {}
+    for name, fld in fields.items():
+        where = join(path, name)
+        if name in skip:
+            values[name] = None
+            continue
+        if name not in data:
+            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing key '{where}'")
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = build_dataclass(hint, data[name], where)
+        else:
+            values[name] = check_value(data[name], hint, where)
+            check_limits(values[name], fld.metadata, where)
+    return cls(**values)
+
+
+def check_value(value: Any, hint: Any, where: str) -> Any:
+    """Return `value` converted to `hint` (int → float, '1e-4' → float), or raise a ConfigError."""
+    converted = convert(value, hint)
+    if converted is INVALID:
+        raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}")
+    return converted
+
+
+INVALID = object()
+
+
+def convert(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            result = convert(value, option)
+            if result is not INVALID:
+                return result
+        return INVALID
+    if origin is Literal:
+        return value if value in typing.get_args(hint) and not isinstance(value, bool) else INVALID
+    if origin is list:
+        if not isinstance(value, list):
+            return INVALID
+        items = [convert(item, typing.get_args(hint)[0]) for item in value]
+        return INVALID if any(item is INVALID for item in items) else items
+    if origin is dict:
+        return value if isinstance(value, dict) else INVALID
+    if hint is type(None):
+        return None if value is None else INVALID
+    if hint is bool:
+        return value if isinstance(value, bool) else INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else INVALID
+    if hint is float:
+        return to_float(value)
+    if hint is str:
+        return value if isinstance(value, str) else INVALID
+    return INVALID
+
+
+def to_float(value: Any) -> Any:
+    if isinstance(value, bool):
+        return INVALID
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return INVALID
+    return INVALID
+
+
+def describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(option) for option in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if hint is type(None):
+        return "null"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def check_limits(value: Any, limits: typing.Mapping[str, float], where: str) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    rules = {
+        "min": (lambda v, b: v >= b, "≥"),
+        "max": (lambda v, b: v <= b, "≤"),
+        "gt": (lambda v, b: v > b, ">"),
+        "lt": (lambda v, b: v < b, "<"),
+    }
+    for name, bound in limits.items():
+        ok, symbol = rules[name]
+        if not ok(value, bound):
+            raise ConfigError(f"{where}: must be {symbol} {bound:g}, got {value!r}")
+
+
+def check_combinations(config: RunConfig) -> None:
+    """Reject combinations that cannot run, before any model is loaded."""
+    train, model, adapter = config.train, config.model, config.method.adapter
+    if train.batch_size % train.grad_accum:
+        raise ConfigError(
+            f"train.batch_size ({train.batch_size}) must be a multiple of train.grad_accum ({train.grad_accum})"
+        )
+    if model.quantization == "nf4" and adapter.kind in ("full", "bitfit"):
+        raise ConfigError(
+            f"method.adapter.kind={adapter.kind} cannot train a 4-bit quantized base (model.quantization=nf4)"
+        )
+    if train.mixed_precision != "no" and model.dtype != "float32":
+        raise ConfigError(f"train.mixed_precision={train.mixed_precision} needs model.dtype=float32 weights")
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# ---- hashing and serialisation --------------------------------------------------------------------
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    """The resolved config as plain data (what config.yaml holds)."""
+    return dataclasses.asdict(config)
+
+
+def config_hash(config: RunConfig) -> str:
+    """Stable 8-hex-digit hash of everything that changes results, except the seed (it names the seed dir)."""
+    data = {k: v for k, v in config_to_dict(config).items() if k not in HASH_EXCLUDED}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,174 @@
+"""Typed schema of a run's configuration: one frozen dataclass per section.
+
+Core sections take their defaults from the packaged `configs/base.yaml`; the option classes of each
+adapter kind and gradient-rule kind carry their own defaults, since the kind is chosen at run time.
+Field metadata states ranges (`min`, `max`, `gt`) that validation enforces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def bounded(default: Any = None, **limits: float) -> Any:
+    """A dataclass field with a default and numeric limits (min, max, gt, lt) checked by validation."""
+    return field(default=default, metadata=limits)
+
+
+def required(**limits: float) -> Any:
+    """A field with no default (given by base.yaml) and numeric limits checked by validation."""
+    return field(metadata=limits)
+
+
+# ---- adapter options (method.adapter) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """PEFT LoRA: rank, scaling, targets (list, regex or preset standard|extended|all-linear)."""
+
+    kind: Literal["lora"] = "lora"
+    r: int = bounded(8, min=1)
+    alpha: float = bounded(16.0, gt=0)
+    dropout: float = bounded(0.05, min=0, lt=1)
+    target_modules: str | list[str] = "standard"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass(frozen=True)
+class FullOptions:
+    """Full fine-tuning: every parameter trains."""
+
+    kind: Literal["full"] = "full"
+
+
+@dataclass(frozen=True)
+class BitfitOptions:
+    """BitFit: only bias terms train (LayerNorm weights too when `train_layernorm`)."""
+
+    kind: Literal["bitfit"] = "bitfit"
+    train_layernorm: bool = False
+
+
+@dataclass(frozen=True)
+class PeftOptions:
+    """Any PEFT method by its config class's type name (e.g. IA3, LOHA, VERA) and keyword arguments."""
+
+    kind: Literal["peft"] = "peft"
+    peft_type: str = "IA3"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+ADAPTER_OPTIONS: dict[str, type] = {
+    "lora": LoraOptions,
+    "full": FullOptions,
+    "bitfit": BitfitOptions,
+    "peft": PeftOptions,
+}
+
+
+# ---- gradient-rule options (method.gradient) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoRuleOptions:
+    """No gradient rule: plain backward, clip, step."""
+
+    kind: Literal["none"] = "none"
+
+
+GRADIENT_OPTIONS: dict[str, type] = {"none": NoRuleOptions}
+
+
+# ---- core sections --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    path: str | None
+    max_length: int = required(min=8)
+    train_samples: int | None = required(min=1)
+    eval_samples: int | None = required(min=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    kind: Literal["auto", "seq_cls", "causal_lm"]
+    dtype: Literal["float32", "bfloat16", "float16"]
+    quantization: Literal["none", "nf4"]
+    gradient_checkpointing: bool
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str
+    adapter: Any
+    gradient: Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = required(gt=0)
+    max_steps: int | None = required(min=1)
+    batch_size: int = required(min=1)
+    lr: float = required(gt=0)
+    weight_decay: float = required(min=0)
+    warmup_ratio: float = required(min=0, max=1)
+    scheduler: Literal["linear", "cosine", "constant"] = required()
+    grad_accum: int = required(min=1)
+    max_grad_norm: float | None = required(gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = required()
+    eval_every: int | None = required(min=1)
+    eval_each_epoch: bool = required()
+    checkpoint_every: int | None = required(min=1)
+    keep_last: int = required(min=1)
+    max_bad_steps: int = required(min=0)
+    deterministic: bool = required()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    views: list[Literal["full"]]
+    max_samples: int | None = required(min=1)
+    batch_size: int = required(min=1)
+    backend: Literal["hf"] = required()
+    max_new_tokens: int = required(min=1)
+
+
+@dataclass(frozen=True)
+class IOConfig:
+    root: str
+    overwrite: Literal["error", "resume", "skip", "force", "ask"]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    csv: bool
+    trackers: list[Literal["tensorboard", "wandb", "swanlab", "mlflow"]]
+    every: int = required(min=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    data_seed: int | None
+    task: TaskConfig
+    model: ModelConfig
+    method: MethodConfig
+    train: TrainConfig
+    eval: EvalConfig
+    io: IOConfig
+    log: LogConfig
+
+    @property
+    def effective_data_seed(self) -> int:
+        """The seed of the data order: `data_seed`, or `seed` when unset."""
+        return self.seed if self.data_seed is None else self.data_seed

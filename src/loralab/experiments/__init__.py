@@ -1,0 +1,1 @@
+"""Experiments: run directories, and loops over runs (seeds, grids, studies)."""

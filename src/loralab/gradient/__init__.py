@@ -1,0 +1,17 @@
+"""Gradient rules (the second method axis). `build_rule` maps method.gradient options to one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loralab.gradient.base import GradientRule, NoRule
+
+
+def build_rule(options: Any) -> GradientRule:
+    """The gradient rule for `method.gradient` options."""
+    if options.kind == "none":
+        return NoRule()
+    raise ValueError(f"no gradient rule for kind {options.kind!r}")
+
+
+__all__ = ["GradientRule", "NoRule", "build_rule"]

@@ -1,0 +1,71 @@
+"""The GradientRule protocol: what happens between backward and the optimizer step.
+
+The training loop calls, per optimizer step: `compute_gradients` for each micro-batch (the regularizer is
+added to the loss there), then `before_step` (edit `.grad` in place), then clipping, the optimizer step,
+the scheduler, and `after_step`. `state_dict`/`load_state_dict` make resume exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+from loralab.adapters.base import LoraView
+
+LossFn = Callable[[nn.Module, dict], Tensor]
+Backward = Callable[[Tensor], None]
+
+
+class GradientRule(Protocol):
+    name: str
+
+    def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
+        """Bind the rule to the model and its LoRA views (hooks go in here)."""
+
+    def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:
+        """Forward and backward one micro-batch; return the detached task loss."""
+
+    def regularizer(self) -> Tensor | None:
+        """A term added to the loss of every micro-batch, or None."""
+
+    def before_step(self, step: int) -> dict[str, float]:
+        """Edit `.grad` in place before clipping; return metrics to log."""
+
+    def after_step(self, step: int, loss: float) -> dict[str, float]:
+        """Periodic work after the optimizer step (statistics, reprojection); return metrics to log."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NoRule:
+    """`method.gradient.kind: none` — one forward and backward per micro-batch; nothing else."""
+
+    name = "none"
+
+    def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
+        return None
+
+    def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:
+        loss = loss_fn(model, batch)
+        extra = self.regularizer()
+        backward(loss if extra is None else loss + extra)
+        return loss.detach()
+
+    def regularizer(self) -> Tensor | None:
+        return None
+
+    def before_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def after_step(self, step: int, loss: float) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

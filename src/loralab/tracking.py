@@ -1,0 +1,174 @@
+"""Metric logging: `metrics.csv` always (append-only, flushed each write); optional trackers, fail-open.
+
+The CSV is long-format (`step,split,metric,value,time`), so rules can add metrics at any step without
+rewriting a header. A tracker that cannot start or fails mid-run logs one warning and is dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("loralab")
+CSV_FIELDS = ("step", "split", "metric", "value", "time")
+
+
+class MetricsCSV:
+    """Append-only metrics file; `truncate_after(step)` drops rows a resumed run will log again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        new = not path.exists() or path.stat().st_size == 0
+        self.handle = open(path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
+        self.writer = csv.writer(self.handle)
+        if new:
+            self.writer.writerow(CSV_FIELDS)
+            self.handle.flush()
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        now = round(time.time(), 3)
+        for name, value in metrics.items():
+            self.writer.writerow((step, split, name, value, now))
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+    @staticmethod
+    def truncate_after(path: Path, step: int) -> None:
+        """Keep the header and the rows up to `step` (used when resuming from a checkpoint)."""
+        if not path.exists():
+            return
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+        temporary.replace(path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.csv as dicts with numeric step and value."""
+    with open(path, newline="") as handle:
+        return [
+            {"step": int(r["step"]), "split": r["split"], "metric": r["metric"], "value": float(r["value"])}
+            for r in csv.DictReader(handle)
+        ]
+
+
+class Tracker:
+    """One external tracker; subclasses wrap a library's init/log/finish."""
+
+    name = "tracker"
+
+    def start(self, run_dir: Path, run_name: str, config: dict) -> None: ...
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class TensorBoardTracker(Tracker):
+    name = "tensorboard"
+
+    def start(self, run_dir: Path, run_name: str, config: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    name = "wandb"
+
+    def start(self, run_dir: Path, run_name: str, config: dict) -> None:
+        import wandb
+
+        self.run = wandb.init(dir=str(run_dir), name=run_name, config=config, mode="offline", reinit=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker(Tracker):
+    name = "mlflow"
+
+    def start(self, run_dir: Path, run_name: str, config: dict) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+        mlflow.start_run(run_name=run_name)
+        mlflow.log_dict(config, "config.json")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def finish(self) -> None:
+        self.mlflow.end_run()
+
+
+class SwanlabTracker(Tracker):
+    name = "swanlab"
+
+    def start(self, run_dir: Path, run_name: str, config: dict) -> None:
+        import swanlab
+
+        self.run = swanlab.init(experiment_name=run_name, config=config, logdir=str(run_dir / "swanlab"), mode="local")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+TRACKERS = {cls.name: cls for cls in (TensorBoardTracker, WandbTracker, MlflowTracker, SwanlabTracker)}
+
+
+class Trackers:
+    """The enabled trackers behind one fail-open front: a failure warns once and drops that tracker."""
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self.active = trackers
+
+    @classmethod
+    def start(cls, names: list[str], run_dir: Path, run_name: str, config: dict) -> Trackers:
+        return cls([t for t in (TRACKERS[name]() for name in names) if guarded(t, "start", run_dir, run_name, config)])
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.active = [t for t in self.active if guarded(t, "log", step, metrics)]
+
+    def finish(self) -> None:
+        for tracker in self.active:
+            guarded(tracker, "finish")
+        self.active = []
+
+
+def guarded(tracker: Tracker, method: str, *args: Any) -> bool:
+    """Call a tracker method; on any failure warn once and report it as dropped."""
+    try:
+        getattr(tracker, method)(*args)
+        return True
+    except Exception as exc:  # fail-open: no tracker may stop a run
+        log.warning(
+            "tracker %s failed in %s (%s: %s); continuing with metrics.csv only",
+            tracker.name,
+            method,
+            type(exc).__name__,
+            exc,
+        )
+        return False

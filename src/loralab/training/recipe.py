@@ -1,0 +1,222 @@
+"""One run from a resolved config: the run directory, model + adapter + rule, the loop, evaluation, outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from loralab.adapters import build_adapter
+from loralab.config.load import config_hash, config_to_dict, dump_yaml
+from loralab.config.schema import RunConfig
+from loralab.data import get_task, load_task
+from loralab.data.collate import encode_classification, encode_sft
+from loralab.errors import ConfigError
+from loralab.evaluation.evaluate import EvalResult, evaluate
+from loralab.experiments.runs import environment, plan_run, write_status
+from loralab.gradient import build_rule
+from loralab.models import load_model
+from loralab.progress import ProgressReporter
+from loralab.tracking import MetricsCSV, Trackers
+from loralab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from loralab.training.loop import BatchOrder, TrainState, peak_memory_mb, total_steps, train
+from loralab.training.optim import build_optimizer, build_scheduler
+from loralab.training.seeding import seed_everything
+
+log = logging.getLogger("loralab")
+
+
+@dataclass
+class RunOutcome:
+    directory: Path
+    action: str
+    metrics: dict[str, float]
+
+
+def resolve_head(model_kind: str, task_kind: str) -> str:
+    """The model head a task needs: a classification head, or a causal LM for generation tasks."""
+    wanted = "causal_lm" if task_kind == "generation" else "seq_cls"
+    if model_kind not in ("auto", wanted):
+        raise ConfigError(f"model.kind={model_kind} cannot run a {task_kind} task; use model.kind={wanted} or auto")
+    return wanted
+
+
+def run_training(config: RunConfig, show_progress: bool | None = None) -> RunOutcome:
+    """Train (or resume, or skip) the run a config names and return its final evaluation."""
+    spec = get_task(config.task.name)
+    head = resolve_head(config.model.kind, spec.kind)
+    adapter = build_adapter(config.method.adapter, head)
+    rule = build_rule(config.method.gradient)
+    plan = plan_run(config)
+    if plan.action == "skip":
+        log.info("run already completed, reusing its results: %s", plan.directory)
+        return RunOutcome(plan.directory, "skip", json.loads((plan.directory / "eval.json").read_text())["metrics"])
+
+    directory = plan.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    handler = attach_log_file(directory / "train.log")
+    try:
+        return execute(config, spec, head, adapter, rule, directory, plan.action, show_progress)
+    finally:
+        logging.getLogger("loralab").removeHandler(handler)
+        handler.close()
+
+
+def execute(config, spec, head, adapter, rule, directory: Path, action: str, show_progress) -> RunOutcome:
+    seed_everything(config.seed, config.train.deterministic)
+    task = load_task(config.task)
+    num_labels = 1 if spec.kind == "regression" else len(spec.label_names) or None
+    model, tokenizer = load_model(config.model, head, num_labels)
+    model = adapter.apply(model)
+    rule.attach(model, adapter.lora_modules(model))
+    encode = encode_sft if spec.kind == "generation" else encode_classification
+    features = encode(task.train, tokenizer, config.task.max_length)
+    eval_examples = task.eval[: config.eval.max_samples]
+
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    optimizer = build_optimizer(model, config.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    order = BatchOrder(len(features), config.train.batch_size, config.effective_data_seed)
+    steps = total_steps(config.train, order.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, config.train, steps)
+
+    state = TrainState()
+    checkpoints = list_checkpoints(directory / "checkpoints")
+    if action == "resume" and checkpoints:
+        state = TrainState(**load_checkpoint(checkpoints[-1], model, optimizer, scheduler, rule))
+        log.info("resuming %s from %s", directory, checkpoints[-1].name)
+    MetricsCSV.truncate_after(directory / "metrics.csv", state.step)
+    (directory / "config.yaml").write_text(dump_yaml(config))
+    write_status(
+        directory,
+        state="running",
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        config_hash=config_hash(config),
+        device=str(accelerator.device),
+        total_steps=steps,
+        **environment(),
+    )
+
+    events = RunEvents(
+        config, directory, model, tokenizer, spec, eval_examples, optimizer, scheduler, rule, steps, show_progress
+    )
+    started = time.time()
+    try:
+        state = train(
+            model,
+            features,
+            rule,
+            config.train,
+            accelerator,
+            optimizer,
+            scheduler,
+            state,
+            order,
+            tokenizer.pad_token_id,
+            events,
+            config.log.every,
+        )
+    except KeyboardInterrupt:
+        write_status(directory, state="interrupted", step=state.step)
+        raise
+    except BaseException as exc:
+        write_status(directory, state="failed", step=state.step, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        events.close()
+
+    final = events.final or events.run_eval(state.step)
+    write_eval(directory, final)
+    adapter.save(accelerator.unwrap_model(model), directory / "adapter")
+    write_status(
+        directory,
+        state="completed",
+        ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        step=state.step,
+        duration_s=round(time.time() - started, 2),
+        peak_mem_mb=round(peak_memory_mb(), 1),
+        tokens_per_s=round(state.tokens / state.seconds, 1) if state.seconds else None,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
+    return RunOutcome(directory, action, final.metrics)
+
+
+class RunEvents:
+    """The loop's side effects for one run: metrics.csv + trackers + progress, evaluation, checkpoints."""
+
+    def __init__(
+        self, config, directory, model, tokenizer, spec, eval_examples, optimizer, scheduler, rule, steps, show_progress
+    ) -> None:
+        self.config, self.directory = config, directory
+        self.model, self.tokenizer, self.spec, self.eval_examples = model, tokenizer, spec, eval_examples
+        self.optimizer, self.scheduler, self.rule = optimizer, scheduler, rule
+        self.csv = MetricsCSV(directory / "metrics.csv")
+        run_name = f"{directory.parent.name}-{directory.name}"
+        self.trackers = Trackers.start(config.log.trackers, directory, run_name, config_to_dict(config))
+        self.progress = ProgressReporter(steps, enabled=show_progress)
+        self.final: EvalResult | None = None
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        self.csv.log(step, split, metrics)
+        self.trackers.log(step, {f"{split}/{k}": v for k, v in metrics.items()})
+        if split == "train":
+            self.progress.update(step, metrics)
+
+    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
+        train_cfg = self.config.train
+        every = train_cfg.eval_every
+        if last or (every and state.step % every == 0) or (epoch_ended and train_cfg.eval_each_epoch):
+            result = self.run_eval(state.step)
+            if last:
+                self.final = result
+        ckpt = train_cfg.checkpoint_every
+        if last or (ckpt and state.step % ckpt == 0):
+            save_checkpoint(
+                self.directory / "checkpoints",
+                state.step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.rule,
+                state.to_dict(),
+                train_cfg.keep_last,
+            )
+
+    def run_eval(self, step: int) -> EvalResult:
+        result = evaluate(
+            self.model,
+            self.tokenizer,
+            self.spec,
+            self.eval_examples,
+            self.config.eval.batch_size,
+            self.config.task.max_length,
+            self.config.eval.max_new_tokens,
+        )
+        self.log(step, "eval", result.metrics)
+        self.progress.note(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+        return result
+
+    def close(self) -> None:
+        self.progress.close()
+        self.trackers.finish()
+        self.csv.close()
+
+
+def write_eval(directory: Path, result: EvalResult, name: str = "eval.json") -> None:
+    """eval.json (metrics) and predictions.jsonl (one object per evaluated example)."""
+    (directory / name).write_text(json.dumps({"metrics": result.metrics, "n": len(result.predictions)}, indent=2))
+    with open(directory / "predictions.jsonl", "w") as handle:
+        for record in result.predictions:
+            handle.write(json.dumps(record) + "\n")
+
+
+def attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("loralab").addHandler(handler)
+    return handler

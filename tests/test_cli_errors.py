@@ -1,0 +1,112 @@
+"""Bad input: every case exits with code 2 and one clear line on stderr, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loralab.cli import main
+
+TINY = ["model.name=tiny-bert", "task.train_samples=16", "task.eval_samples=8", "train.max_steps=1"]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def corrupt_adapter(tmp_path: Path) -> Path:
+    directory = tmp_path / "corrupt"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (directory / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    return directory
+
+
+def bad_json_adapter(tmp_path: Path) -> Path:
+    directory = tmp_path / "badjson"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text("{oops")
+    return directory
+
+
+def malformed_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed\n")
+    return path
+
+
+CASES = {
+    "unknown key": (lambda t: ["train", "train.lrr=0.1"], r"unknown key 'train.lrr' \(did you mean 'lr'\?\)"),
+    "bad type": (lambda t: ["train", "train.epochs=many"], r"train.epochs: expected a number"),
+    "negative batch size": (lambda t: ["train", "train.batch_size=-4"], r"train.batch_size: must be ≥ 1"),
+    "zero lr": (lambda t: ["train", "train.lr=0"], r"train.lr: must be > 0"),
+    "unknown task": (lambda t: ["train", "task.name=glue/sst3", *TINY], r"unknown task 'glue/sst3'"),
+    "unknown model": (lambda t: ["train", "model.name=tiny-lama"], r"tiny-llama"),
+    "unknown preset": (lambda t: ["train", "method.name=loar"], r"did you mean 'lora'"),
+    "missing config file": (lambda t: ["train", "--config", str(t / "missing.yaml")], r"config file not found"),
+    "malformed yaml": (lambda t: ["train", "--config", str(malformed_yaml(t))], r"malformed YAML"),
+    "bad override form": (lambda t: ["train", "--set", "train.lr"], r"not of the form a.b.c=value"),
+    "impossible combination": (
+        lambda t: ["train", "train.batch_size=10", "train.grad_accum=4"],
+        r"multiple of train.grad_accum",
+    ),
+    "wrong head for task": (
+        lambda t: ["train", "model.kind=causal_lm", *TINY],
+        r"model.kind=causal_lm cannot run a classification task",
+    ),
+    "missing adapter dir": (
+        lambda t: ["eval", "--base", "tiny-bert", "--adapter", str(t / "none"), "--task", "synthetic/sentiment"],
+        r"adapter directory not found",
+    ),
+    "corrupt safetensors": (
+        lambda t: ["eval", "--base", "tiny-bert", "--adapter", str(corrupt_adapter(t)), "--task",
+                   "synthetic/sentiment", "task.eval_samples=4"],
+        r"corrupt safetensors file",
+    ),
+    "malformed adapter config": (
+        lambda t: ["eval", "--base", "tiny-bert", "--adapter", str(bad_json_adapter(t)), "--task",
+                   "synthetic/sentiment", "task.eval_samples=4"],
+        r"malformed JSON in .*adapter_config.json",
+    ),
+    "not a run dir": (lambda t: ["eval", "--run", str(t)], r"not a run directory"),
+    "missing predictions": (
+        lambda t: ["score", "--task", "synthetic/sentiment", "--predictions", str(t / "p.jsonl")],
+        r"predictions file not found",
+    ),
+    "missing task path": (
+        lambda t: ["train", "task.name=glue/sst2", f"task.path={t / 'nowhere'}", *TINY],
+        r"nowhere",
+    ),
+    "unknown subcommand": (lambda t: ["trian"], r"invalid choice: 'trian'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, pattern = CASES[case]
+    try:
+        code, err = run_cli(argv(tmp_path), capsys)
+    except SystemExit as exit_:  # argparse usage errors exit from inside parse_args
+        code, err = exit_.code, capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("loralab: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "loralab", "train", "train.batch_size=-1"],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "loralab: error: train.batch_size: must be ≥ 1, got -1"
