@@ -71,8 +71,9 @@ def loralab_side(config, features, pad_id):
         nonlocal state
         events.start()
         budget = dataclasses.replace(config.train, max_steps=state.step + steps)
-        state = train(model, features, rule, budget, accelerator, optimizer, scheduler, state, order, pad_id,
-                      events, log_every=1)
+        state = train(
+            model, features, rule, budget, accelerator, optimizer, scheduler, state, order, pad_id, events, log_every=1
+        )
         return list(events.times)
 
     return run
@@ -83,8 +84,14 @@ def hand_written_side(config, features, pad_id):
     model, _ = load_model(config.model, "causal_lm")
     o = config.method.adapter
     model = get_peft_model(
-        model, LoraConfig(task_type="CAUSAL_LM", r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                          target_modules=["q_proj", "v_proj"])
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=o.r,
+            lora_alpha=o.alpha,
+            lora_dropout=o.dropout,
+            target_modules=["q_proj", "v_proj"],
+        ),
     )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.train.lr)
@@ -123,12 +130,22 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = load_config([], ["model.name=tiny-llama", f"train.batch_size={args.batch}", "method.adapter.dropout=0",
-                              "method.adapter.target_modules=[q_proj, v_proj]", "train.warmup_ratio=0"])
+    config = load_config(
+        [],
+        [
+            "model.name=tiny-llama",
+            f"train.batch_size={args.batch}",
+            "method.adapter.dropout=0",
+            "method.adapter.target_modules=[q_proj, v_proj]",
+            "train.warmup_ratio=0",
+        ],
+    )
     probe, tokenizer = load_model(config.model, "causal_lm")
     features = synthetic_features(args.batch * 64, args.length, probe.config.vocab_size)
-    sides = {"hand-written PEFT loop": hand_written_side(config, features, tokenizer.pad_token_id),
-             "loralab loop": loralab_side(config, features, tokenizer.pad_token_id)}
+    sides = {
+        "hand-written PEFT loop": hand_written_side(config, features, tokenizer.pad_token_id),
+        "loralab loop": loralab_side(config, features, tokenizer.pad_token_id),
+    }
     times: dict[str, list[float]] = {name: [] for name in sides}
     for run in sides.values():
         run(args.warmup)
@@ -137,15 +154,19 @@ def main() -> None:
             times[name] += run(args.steps)
 
     reference = statistics.median(times["hand-written PEFT loop"])
-    print(f"tiny-llama, batch {args.batch} x {args.length} tokens, LoRA r {config.method.adapter.r} on q,v, "
-          f"AdamW, {args.rounds} x {args.steps} steps per side after {args.warmup} warm-up, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"tiny-llama, batch {args.batch} x {args.length} tokens, LoRA r {config.method.adapter.r} on q,v, "
+        f"AdamW, {args.rounds} x {args.steps} steps per side after {args.warmup} warm-up, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"| {'side':<24} | median ms | min ms | max ms | ratio to hand-written |")
     print(f"| {'-' * 24} | --------- | ------ | ------ | --------------------- |")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name:<24} | {median * 1e3:9.2f} | {min(values) * 1e3:6.2f} | {max(values) * 1e3:6.2f} | "
-              f"{median / reference:21.3f} |")
+        print(
+            f"| {name:<24} | {median * 1e3:9.2f} | {min(values) * 1e3:6.2f} | {max(values) * 1e3:6.2f} | "
+            f"{median / reference:21.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +65,29 @@ CASES = {
         r"adapter directory not found",
     ),
     "corrupt safetensors": (
-        lambda t: ["eval", "--base", "tiny-bert", "--adapter", str(corrupt_adapter(t)), "--task",
-                   "synthetic/sentiment", "task.eval_samples=4"],
+        lambda t: [
+            "eval",
+            "--base",
+            "tiny-bert",
+            "--adapter",
+            str(corrupt_adapter(t)),
+            "--task",
+            "synthetic/sentiment",
+            "task.eval_samples=4",
+        ],
         r"corrupt safetensors file",
     ),
     "malformed adapter config": (
-        lambda t: ["eval", "--base", "tiny-bert", "--adapter", str(bad_json_adapter(t)), "--task",
-                   "synthetic/sentiment", "task.eval_samples=4"],
+        lambda t: [
+            "eval",
+            "--base",
+            "tiny-bert",
+            "--adapter",
+            str(bad_json_adapter(t)),
+            "--task",
+            "synthetic/sentiment",
+            "task.eval_samples=4",
+        ],
         r"malformed JSON in .*adapter_config.json",
     ),
     "not a run dir": (lambda t: ["eval", "--run", str(t)], r"not a run directory"),
@@ -95,18 +112,41 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, capsys, monkeypatch
     except SystemExit as exit_:  # argparse usage errors exit from inside parse_args
         code, err = exit_.code, capsys.readouterr().err
     assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("loralab: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    import re
-
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loralab: error: "), err
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with the bytes of each file (None for a directory)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_bad_input_leaves_an_existing_run_untouched(tmp_path, capsys, monkeypatch):
+    """After a completed run, every bad command above exits 2 and changes no file and adds no directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY]) == 0
+    (tmp_path / "inputs").mkdir()
+    argvs = [argv(tmp_path / "inputs") for argv, _ in CASES.values()]
+    argvs.append(["train", *TINY])  # the same run again under io.overwrite=error
+    before = snapshot(tmp_path / "runs")
+    for argv in argvs:
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        assert code == 2, argv
+    capsys.readouterr()
+    assert snapshot(tmp_path / "runs") == before
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "loralab", "train", "train.batch_size=-1"],
-        capture_output=True, text=True, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "loralab: error: train.batch_size: must be ≥ 1, got -1"

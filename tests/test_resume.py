@@ -66,6 +66,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     assert adapter.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(adapter[name], reference[name], rtol=0, atol=1e-6)
-    steps = [int(line.split(",")[0]) for line in (directory / "metrics.csv").read_text().splitlines()[1:]
-             if ",train,loss," in line]
+    steps = [
+        int(line.split(",")[0])
+        for line in (directory / "metrics.csv").read_text().splitlines()[1:]
+        if ",train,loss," in line
+    ]
     assert steps == list(range(1, 41))  # no step logged twice, none missing

@@ -105,6 +105,7 @@ class ModelConfig:
     quantization: Literal["none", "nf4"]
     gradient_checkpointing: bool
     trust_remote_code: bool
+    dropout: float | None = required(min=0, max=1)
 
 
 @dataclass(frozen=True)

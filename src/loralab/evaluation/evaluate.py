@@ -41,7 +41,8 @@ def evaluate(
             records = classify_records(model, tokenizer, spec, examples, batch_size, max_length)
     finally:
         model.train(was_training)
-    metrics = compute_metrics(spec.metrics, [r["prediction"] for r in records], [r["reference"] for r in records])
+    predictions, references = [r["prediction"] for r in records], [r["reference"] for r in records]
+    metrics = compute_metrics(spec.metrics, predictions, references, spec.label_names)
     return EvalResult(metrics=metrics, predictions=records)
 
 

@@ -39,7 +39,7 @@ def score_predictions(task_name: str, path: Path) -> dict[str, float]:
     spec = get_task(task_name)
     records = read_predictions(path)
     predictions = [r["prediction"] if "prediction" in r else extract_answer(spec.answer, r["output"]) for r in records]
-    return compute_metrics(spec.metrics, predictions, [r["reference"] for r in records])
+    return compute_metrics(spec.metrics, predictions, [r["reference"] for r in records], spec.label_names)
 
 
 def read_predictions(path: Path) -> list[dict]:

@@ -46,12 +46,24 @@ def run_dir_for(config: RunConfig) -> Path:
 
 @dataclass
 class RunPlan:
+    """What `io.overwrite` decided; nothing on disk changes until `open()`."""
+
     directory: Path
     action: Action
+    move_aside: bool = False
+
+    def open(self) -> Path:
+        """Create the run directory, first renaming an old run to `<dir>.old-<timestamp>` under `force`."""
+        if self.move_aside and self.directory.exists():
+            self.directory.rename(
+                self.directory.with_name(f"{self.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self.directory
 
 
 def plan_run(config: RunConfig, interactive: bool | None = None) -> RunPlan:
-    """Apply `io.overwrite` to the run directory: start, resume, skip, move aside, or refuse."""
+    """Apply `io.overwrite` to the run directory: start, resume, skip, move aside, or refuse (no side effects)."""
     directory = run_dir_for(config)
     if not directory.exists():
         return RunPlan(directory, "new")
@@ -66,9 +78,7 @@ def plan_run(config: RunConfig, interactive: bool | None = None) -> RunPlan:
             "set io.overwrite=resume, skip or force"
         )
     if policy == "force":
-        aside = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        directory.rename(aside)
-        return RunPlan(directory, "new")
+        return RunPlan(directory, "new", move_aside=True)
     if state == "completed":
         return RunPlan(directory, "skip")
     return RunPlan(directory, "resume")

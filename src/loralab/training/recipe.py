@@ -56,17 +56,7 @@ def run_training(config: RunConfig, show_progress: bool | None = None) -> RunOut
         log.info("run already completed, reusing its results: %s", plan.directory)
         return RunOutcome(plan.directory, "skip", json.loads((plan.directory / "eval.json").read_text())["metrics"])
 
-    directory = plan.directory
-    directory.mkdir(parents=True, exist_ok=True)
-    handler = attach_log_file(directory / "train.log")
-    try:
-        return execute(config, spec, head, adapter, rule, directory, plan.action, show_progress)
-    finally:
-        logging.getLogger("loralab").removeHandler(handler)
-        handler.close()
-
-
-def execute(config, spec, head, adapter, rule, directory: Path, action: str, show_progress) -> RunOutcome:
+    # everything that can fail on bad input happens before the run directory is touched
     seed_everything(config.seed, config.train.deterministic)
     task = load_task(config.task)
     num_labels = 1 if spec.kind == "regression" else len(spec.label_names) or None
@@ -75,8 +65,23 @@ def execute(config, spec, head, adapter, rule, directory: Path, action: str, sho
     rule.attach(model, adapter.lora_modules(model))
     encode = encode_sft if spec.kind == "generation" else encode_classification
     features = encode(task.train, tokenizer, config.task.max_length)
-    eval_examples = task.eval[: config.eval.max_samples]
 
+    directory = plan.open()
+    handler = attach_log_file(directory / "train.log")
+    try:
+        return execute(
+            config, spec, adapter, rule, model, tokenizer, features, task.eval, directory, plan.action, show_progress
+        )
+    finally:
+        logging.getLogger("loralab").removeHandler(handler)
+        handler.close()
+
+
+def execute(
+    config, spec, adapter, rule, model, tokenizer, features, eval_split, directory: Path, action: str, show_progress
+) -> RunOutcome:
+    """Train from scratch or from the last checkpoint, then evaluate and save the adapter."""
+    eval_examples = eval_split[: config.eval.max_samples]
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     optimizer = build_optimizer(model, config.train)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -164,8 +169,10 @@ class RunEvents:
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         self.csv.log(step, split, metrics)
         self.trackers.log(step, {f"{split}/{k}": v for k, v in metrics.items()})
-        if split == "train":
+        if split == "train" and "loss" in metrics:
             self.progress.update(step, metrics)
+        elif "bad_steps" in metrics:
+            self.progress.note(step, f"non-finite loss or gradient, step skipped ({int(metrics['bad_steps'])} so far)")
 
     def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
         train_cfg = self.config.train

@@ -1,0 +1,1 @@
+"""Evaluation: predictions from models with their adapters, metrics, re-scoring."""
