@@ -113,7 +113,7 @@ def hand_written_side(config, features, pad_id):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            float(loss)
+            loss.item()
             times.append(time.perf_counter() - started)
             position += 1
         return times

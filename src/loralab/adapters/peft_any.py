@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,8 @@ class PeftAdapter:
 
     def apply(self, model: nn.Module) -> nn.Module:
         try:
-            return get_peft_model(model, self.peft_config(model))
+            with peft_deprecations_silenced():
+                return get_peft_model(model, self.peft_config(model))
         except ValueError as exc:
             raise ConfigError(f"method.adapter: PEFT cannot apply {self.name} to this model: {exc}") from None
 
@@ -49,13 +53,22 @@ class PeftAdapter:
         return load_peft_adapter(model, directory)
 
 
+@contextmanager
+def peft_deprecations_silenced() -> Iterator[None]:
+    """PEFT wraps a model by reading `is_gradient_checkpointing`, which transformers 5 deprecates; not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_peft_adapter(model: nn.Module, directory: Path, is_trainable: bool = False) -> nn.Module:
     """Load a PEFT adapter directory onto a base model, failing in one line on missing/corrupt files."""
     directory = require_directory(directory)
     read_json(directory / ADAPTER_CONFIG)
     check_safetensors(directory / ADAPTER_WEIGHTS)
     try:
-        return PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
+        with peft_deprecations_silenced():
+            return PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterError(f"cannot load adapter {directory} onto this base model: {first_line}") from None

@@ -22,8 +22,7 @@ def evaluate_adapter(config: RunConfig, adapter_dir: Path, out: Path, max_sample
     head = resolve_head(config.model.kind, spec.kind)
     seed_everything(config.seed)
     task = load_task(config.task)
-    num_labels = 1 if spec.kind == "regression" else len(spec.label_names) or None
-    model, tokenizer = load_model(config.model, head, num_labels)
+    model, tokenizer = load_model(config.model, head, spec.num_labels)
     model = load_adapter(model, adapter_dir)
     examples = task.eval[: max_samples or config.eval.max_samples]
     result = evaluate(

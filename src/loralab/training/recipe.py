@@ -8,17 +8,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from loralab.adapters import build_adapter
+from loralab.adapters import Adapter, build_adapter
 from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
-from loralab.data import get_task, load_task
+from loralab.data import TaskSpec, get_task, load_task
 from loralab.data.collate import encode_classification, encode_sft
 from loralab.errors import ConfigError
 from loralab.evaluation.evaluate import EvalResult, evaluate
 from loralab.experiments.runs import environment, plan_run, write_status
-from loralab.gradient import build_rule
+from loralab.gradient import GradientRule, build_rule
 from loralab.models import load_model
 from loralab.progress import ProgressReporter
 from loralab.tracking import MetricsCSV, Trackers
@@ -45,47 +48,58 @@ def resolve_head(model_kind: str, task_kind: str) -> str:
     return wanted
 
 
+@dataclass
+class RunParts:
+    """What a run trains: the task, the model with its adapter and gradient rule, the encoded training set."""
+
+    spec: TaskSpec
+    eval_examples: list
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: Adapter
+    rule: GradientRule
+    features: list[dict]
+
+
 def run_training(config: RunConfig, show_progress: bool | None = None) -> RunOutcome:
     """Train (or resume, or skip) the run a config names and return its final evaluation."""
-    spec = get_task(config.task.name)
-    head = resolve_head(config.model.kind, spec.kind)
-    adapter = build_adapter(config.method.adapter, head)
-    rule = build_rule(config.method.gradient)
     plan = plan_run(config)
     if plan.action == "skip":
         log.info("run already completed, reusing its results: %s", plan.directory)
         return RunOutcome(plan.directory, "skip", json.loads((plan.directory / "eval.json").read_text())["metrics"])
-
-    # everything that can fail on bad input happens before the run directory is touched
-    seed_everything(config.seed, config.train.deterministic)
-    task = load_task(config.task)
-    num_labels = 1 if spec.kind == "regression" else len(spec.label_names) or None
-    model, tokenizer = load_model(config.model, head, num_labels)
-    model = adapter.apply(model)
-    rule.attach(model, adapter.lora_modules(model))
-    encode = encode_sft if spec.kind == "generation" else encode_classification
-    features = encode(task.train, tokenizer, config.task.max_length)
-
+    parts = prepare(config)  # everything that can fail on bad input, before the run directory is touched
     directory = plan.open()
     handler = attach_log_file(directory / "train.log")
     try:
-        return execute(
-            config, spec, adapter, rule, model, tokenizer, features, task.eval, directory, plan.action, show_progress
-        )
+        return execute(config, parts, directory, plan.action, show_progress)
     finally:
         logging.getLogger("loralab").removeHandler(handler)
         handler.close()
 
 
-def execute(
-    config, spec, adapter, rule, model, tokenizer, features, eval_split, directory: Path, action: str, show_progress
-) -> RunOutcome:
+def prepare(config: RunConfig) -> RunParts:
+    """Seed, load the task and model, apply the adapter, attach the gradient rule, encode the training set."""
+    spec = get_task(config.task.name)
+    head = resolve_head(config.model.kind, spec.kind)
+    adapter = build_adapter(config.method.adapter, head)
+    rule = build_rule(config.method.gradient)
+    seed_everything(config.seed, config.train.deterministic)
+    task = load_task(config.task)
+    model, tokenizer = load_model(config.model, head, spec.num_labels)
+    model = adapter.apply(model)
+    rule.attach(model, adapter.lora_modules(model))
+    encode = encode_sft if spec.kind == "generation" else encode_classification
+    features = encode(task.train, tokenizer, config.task.max_length)
+    return RunParts(spec, task.eval[: config.eval.max_samples], model, tokenizer, adapter, rule, features)
+
+
+def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, show_progress: bool | None) -> RunOutcome:
     """Train from scratch or from the last checkpoint, then evaluate and save the adapter."""
-    eval_examples = eval_split[: config.eval.max_samples]
+    model, rule = parts.model, parts.rule
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     optimizer = build_optimizer(model, config.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    order = BatchOrder(len(features), config.train.batch_size, config.effective_data_seed)
+    order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
     steps = total_steps(config.train, order.steps_per_epoch)
     scheduler = build_scheduler(optimizer, config.train, steps)
 
@@ -106,14 +120,12 @@ def execute(
         **environment(),
     )
 
-    events = RunEvents(
-        config, directory, model, tokenizer, spec, eval_examples, optimizer, scheduler, rule, steps, show_progress
-    )
+    events = RunEvents(config, directory, parts, model, optimizer, scheduler, steps, show_progress)
     started = time.time()
     try:
         state = train(
             model,
-            features,
+            parts.features,
             rule,
             config.train,
             accelerator,
@@ -121,7 +133,7 @@ def execute(
             scheduler,
             state,
             order,
-            tokenizer.pad_token_id,
+            parts.tokenizer.pad_token_id,
             events,
             config.log.every,
         )
@@ -136,7 +148,7 @@ def execute(
 
     final = events.final or events.run_eval(state.step)
     write_eval(directory, final)
-    adapter.save(accelerator.unwrap_model(model), directory / "adapter")
+    parts.adapter.save(accelerator.unwrap_model(model), directory / "adapter")
     write_status(
         directory,
         state="completed",
@@ -155,11 +167,18 @@ class RunEvents:
     """The loop's side effects for one run: metrics.csv + trackers + progress, evaluation, checkpoints."""
 
     def __init__(
-        self, config, directory, model, tokenizer, spec, eval_examples, optimizer, scheduler, rule, steps, show_progress
+        self,
+        config: RunConfig,
+        directory: Path,
+        parts: RunParts,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        steps: int,
+        show_progress: bool | None,
     ) -> None:
-        self.config, self.directory = config, directory
-        self.model, self.tokenizer, self.spec, self.eval_examples = model, tokenizer, spec, eval_examples
-        self.optimizer, self.scheduler, self.rule = optimizer, scheduler, rule
+        self.config, self.directory, self.parts, self.model = config, directory, parts, model
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.csv = MetricsCSV(directory / "metrics.csv")
         run_name = f"{directory.parent.name}-{directory.name}"
         self.trackers = Trackers.start(config.log.trackers, directory, run_name, config_to_dict(config))
@@ -189,7 +208,7 @@ class RunEvents:
                 self.model,
                 self.optimizer,
                 self.scheduler,
-                self.rule,
+                self.parts.rule,
                 state.to_dict(),
                 train_cfg.keep_last,
             )
@@ -197,9 +216,9 @@ class RunEvents:
     def run_eval(self, step: int) -> EvalResult:
         result = evaluate(
             self.model,
-            self.tokenizer,
-            self.spec,
-            self.eval_examples,
+            self.parts.tokenizer,
+            self.parts.spec,
+            self.parts.eval_examples,
             self.config.eval.batch_size,
             self.config.task.max_length,
             self.config.eval.max_new_tokens,
