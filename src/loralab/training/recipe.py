@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -96,7 +97,7 @@ def prepare(config: RunConfig) -> RunParts:
 def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, show_progress: bool | None) -> RunOutcome:
     """Train from scratch or from the last checkpoint, then evaluate and save the adapter."""
     model, rule = parts.model, parts.rule
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    accelerator = new_accelerator(config.train.mixed_precision)
     optimizer = build_optimizer(model, config.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
@@ -161,6 +162,16 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
         total_params=sum(p.numel() for p in model.parameters()),
     )
     return RunOutcome(directory, action, final.metrics)
+
+
+def new_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for this run; runs in one process (sweeps, tests) may each ask for another precision.
+
+    accelerate keeps its settings in a process-wide singleton that refuses a second precision, so they are
+    reset first; the distributed set-up (PartialState) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 class RunEvents:
