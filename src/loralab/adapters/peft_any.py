@@ -68,7 +68,15 @@ def load_peft_adapter(model: nn.Module, directory: Path, is_trainable: bool = Fa
     check_safetensors(directory / ADAPTER_WEIGHTS)
     try:
         with peft_deprecations_silenced():
+            # PEFT only warns when the layers it built find no weights in the file (e.g. a BERT adapter on a
+            # RoBERTa base: same target names, other prefixes) and leaves them at init; that must not pass.
+            warnings.filterwarnings("error", message=".*Found missing adapter keys", category=UserWarning)
             return PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
+    except UserWarning:
+        raise AdapterError(
+            f"cannot load adapter {directory} onto this base model: some of its layers have no weights in the "
+            "adapter file (was it trained on another architecture?)"
+        ) from None
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterError(f"cannot load adapter {directory} onto this base model: {first_line}") from None
@@ -82,7 +90,7 @@ def peft_config_class(peft_type: str) -> type:
     }
     name = peft_type.upper().replace("-", "_")
     if name not in by_name:
-        raise ConfigError("method.adapter.peft_type: " + unknown("PEFT type", peft_type, by_name))
+        raise ConfigError("method.adapter.peft_type: " + unknown("PEFT type", name, by_name))  # case-insensitive hint
     return by_name[name]
 
 
