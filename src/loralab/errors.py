@@ -41,3 +41,9 @@ def unknown(what: str, name: str, choices: Iterable[str]) -> str:
     choices = sorted(choices)
     hint = did_you_mean(name, choices)
     return f"unknown {what} '{name}'" + (hint or f"; choose one of: {', '.join(choices)}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): library errors span many lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,7 +13,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 
 from loralab.adapters.base import LoraView, check_safetensors, read_json, require_directory, write_side_file
-from loralab.errors import AdapterError, ConfigError, unknown
+from loralab.errors import AdapterError, ConfigError, first_line, unknown
 
 TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -78,8 +78,7 @@ def load_peft_adapter(model: nn.Module, directory: Path, is_trainable: bool = Fa
             "adapter file (was it trained on another architecture?)"
         ) from None
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdapterError(f"cannot load adapter {directory} onto this base model: {first_line}") from None
+        raise AdapterError(f"cannot load adapter {directory} onto this base model: {first_line(exc)}") from None
 
 
 def peft_config_class(peft_type: str) -> type:

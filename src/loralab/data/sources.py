@@ -10,7 +10,7 @@ from typing import Any
 from loralab.config.schema import TaskConfig
 from loralab.data.synthetic import generate
 from loralab.data.tasks import Example, Row, TaskData, TaskSpec, get_task, holdout_size
-from loralab.errors import DataError
+from loralab.errors import DataError, first_line
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 Rows = Sequence[Row]  # a list of dicts or a `datasets.Dataset` (iterating either yields rows as dicts)
@@ -106,8 +106,3 @@ def require_columns(spec: TaskSpec, columns: Sequence[str], origin: str) -> None
     missing = [c for c in spec.columns if c not in columns]
     if missing:
         raise DataError(f"{origin}: missing column '{missing[0]}' required by {spec.name} (has: {', '.join(columns)})")
-
-
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

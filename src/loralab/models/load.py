@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, PreTrain
 from transformers import logging as hf_logging
 
 from loralab.config.schema import ModelConfig
-from loralab.errors import ModelError, did_you_mean
+from loralab.errors import ModelError, did_you_mean, first_line
 from loralab.models.presets import (
     AUTO_CLASSES,
     PRESETS,
@@ -173,7 +173,7 @@ def nf4_config() -> BitsAndBytesConfig:
 
 def unavailable(location: str, exc: Exception) -> str:
     """One line on why `location` did not load: hub unreachable (offline), or transformers' own first line."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     if huggingface_hub.is_offline_mode() or "connect" in first.lower():
         first = "the hub is unreachable (offline) and it is not in the local cache"
     presets = ", ".join(PRESETS)
