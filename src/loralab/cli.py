@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(evaluate, files=True)
     evaluate.set_defaults(handler=cmd_eval)
 
+    export = commands.add_parser("export", help="write a view of a dual-rank adapter as a plain PEFT adapter")
+    export.add_argument("adapter", type=Path, help="adapter directory, or a run directory holding adapter/")
+    export.add_argument("--view", choices=("core", "full"), default="core", help="core: rank r; full: rank R")
+    export.add_argument("--out", type=Path, required=True, help="directory for the exported adapter")
+    export.set_defaults(handler=cmd_export)
+
     score = commands.add_parser("score", help="re-score a predictions.jsonl file")
     score.add_argument("--task", required=True)
     score.add_argument("--predictions", required=True, type=Path)
@@ -127,6 +133,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = args.out or Path("evals") / f"{Path(args.task).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = evaluate_adapter(config, adapter, out, args.max_samples)
     print_results(metrics, out, "eval")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loralab.adapters.dual_rank import export_view
+
+    source = args.adapter / "adapter" if (args.adapter / "adapter").is_dir() else args.adapter
+    out = export_view(source, args.out, args.view)
+    print(f"{args.view} view of {source} written as a PEFT adapter: {out}")
     return 0
 
 

@@ -51,6 +51,29 @@ class MetricsCSV:
         temporary.replace(path)
 
 
+class RowsCSV:
+    """Append-only wide CSV of per-module diagnostic rows (`step` first); the header is the first row's keys."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.handle, self.writer = path, None, None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        if self.writer is None:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self.handle = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
+            self.writer = csv.DictWriter(self.handle, fieldnames=list(rows[0]))
+            if new:
+                self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.csv as dicts with numeric step and value."""
     with open(path, newline="") as handle:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.adapters.base import SIDE_FILE, Adapter, LoraView, read_json, require_directory
+from loralab.adapters.dual_rank import DualRankLoraAdapter
 from loralab.adapters.lora import LoraAdapter
 from loralab.adapters.peft_any import ADAPTER_CONFIG, AnyPeftAdapter, load_peft_adapter
 from loralab.adapters.subset import BitfitAdapter, FullAdapter
@@ -16,6 +17,8 @@ def build_adapter(options: Any, head: str) -> Adapter:
     """The adapter for `method.adapter` options on a model with the given head (seq_cls | causal_lm)."""
     if options.kind == "lora":
         return LoraAdapter(head, options)
+    if options.kind == "dual_rank_lora":
+        return DualRankLoraAdapter(head, options)
     if options.kind == "full":
         return FullAdapter()
     if options.kind == "bitfit":

@@ -287,6 +287,38 @@ def check_combinations(config: RunConfig) -> None:
         )
     if train.mixed_precision != "no" and model.dtype != "float32":
         raise ConfigError(f"train.mixed_precision={train.mixed_precision} needs model.dtype=float32 weights")
+    if adapter.kind == "dual_rank_lora" and adapter.r >= adapter.R:
+        raise ConfigError(f"method.adapter.R ({adapter.R}) must be larger than method.adapter.r ({adapter.r})")
+    if "core" in config.eval.views and adapter.kind != "dual_rank_lora":
+        raise ConfigError(f"eval.views=core needs method.adapter.kind=dual_rank_lora, not {adapter.kind}")
+    if config.method.gradient.kind == "shake_align":
+        check_shake_align(config)
+
+
+def check_shake_align(config: RunConfig) -> None:
+    """Shake-to-Align needs a dual-rank adapter, several votes per step and unscaled gradients."""
+    rule, adapter, train = config.method.gradient, config.method.adapter, config.train
+    if adapter.kind != "dual_rank_lora":
+        raise ConfigError(
+            f"method.gradient.kind=shake_align needs method.adapter.kind=dual_rank_lora, not {adapter.kind}"
+        )
+    if rule.samples_per_vote >= train.batch_size:
+        raise ConfigError(
+            f"method.gradient.samples_per_vote ({rule.samples_per_vote}) must be smaller than train.batch_size "
+            f"({train.batch_size}): one vote per step gives no statistics"
+        )
+    if not (rule.keep_single_votes or rule.combine_votes):
+        raise ConfigError("method.gradient: keep_single_votes=false needs combine_votes=true (no votes otherwise)")
+    if train.mixed_precision == "fp16":
+        raise ConfigError(
+            "method.gradient.kind=shake_align cannot run with train.mixed_precision=fp16 (loss scaling would scale "
+            "the votes); use bf16"
+        )
+    if rule.route == "vectorized" and config.model.gradient_checkpointing:
+        raise ConfigError(
+            "method.gradient.route=vectorized cannot capture votes under model.gradient_checkpointing; "
+            "use route=microbatch"
+        )
 
 
 def join(path: str, key: str) -> str:

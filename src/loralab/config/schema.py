@@ -64,8 +64,23 @@ class PeftOptions:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DualRankOptions:
+    """One PEFT LoRA of rank R whose first r components are the core and the rest the extension."""
+
+    kind: Literal["dual_rank_lora"] = "dual_rank_lora"
+    r: int = bounded(8, min=1)
+    R: int = bounded(32, min=2)
+    alpha: float = bounded(16.0, gt=0)
+    dropout: float = bounded(0.1, min=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    scaling: Literal["core", "full", "rslora"] = "core"
+    hi_init_std: float = bounded(0.02, min=0)
+
+
 ADAPTER_OPTIONS: dict[str, type] = {
     "lora": LoraOptions,
+    "dual_rank_lora": DualRankOptions,
     "full": FullOptions,
     "bitfit": BitfitOptions,
     "peft": PeftOptions,
@@ -82,7 +97,67 @@ class NoRuleOptions:
     kind: Literal["none"] = "none"
 
 
-GRADIENT_OPTIONS: dict[str, type] = {"none": NoRuleOptions}
+@dataclass(frozen=True)
+class HistoryOptions:
+    """Smoothing of the C2 statistics over steps: a weighted window (enabled) or an EMA over `ema_H` steps."""
+
+    enabled: bool = True
+    window_steps: int = bounded(4, min=1)
+    weighting: Literal["exp", "uniform", "linear"] = "exp"
+    exp_beta: float = bounded(0.7, min=0, lt=1)
+
+
+@dataclass(frozen=True)
+class TriggerOptions:
+    """Which blocks get corrected: the worst by percentile of a metric, or those past a threshold."""
+
+    mode: Literal["percentile", "threshold"] = "percentile"
+    metric: Literal["C_r", "C_R", "A_b", "misalign"] = "C_R"
+    percentile_p: float = bounded(90.0, min=0, max=100)
+    threshold: float = 0.30
+
+
+@dataclass(frozen=True)
+class CorrectionOptions:
+    mode: Literal["both", "direction_only", "none"] = "both"
+
+
+@dataclass(frozen=True)
+class DebugOptions:
+    every_steps: int = bounded(10, min=0)  # per-block rows into shake_align.csv every N steps; 0 = never
+
+
+@dataclass(frozen=True)
+class ShakeAlignOptions:
+    """Gradient Shake-to-Align: vote statistics per block, then in-place correction of triggered blocks."""
+
+    kind: Literal["shake_align"] = "shake_align"
+    route: Literal["vectorized", "microbatch"] = "vectorized"
+    samples_per_vote: int = bounded(8, min=1)
+    allow_tail: bool = True
+    combine_votes: bool = False
+    combine_size: int = bounded(2, min=2)
+    combine_max: int = bounded(0, min=0)
+    keep_single_votes: bool = True
+    history: HistoryOptions = field(default_factory=HistoryOptions)
+    ema_H: int = bounded(4, min=1)
+    trigger: TriggerOptions = field(default_factory=TriggerOptions)
+    k: float = bounded(8.0, min=0)
+    lambda_n: float = bounded(0.4, min=0)
+    lambda_o: float = bounded(0.4, min=0)
+    alpha_min: float = bounded(0.1, min=0, max=1)
+    gamma_r: float = bounded(0.3, min=0)
+    gamma_hi: float = bounded(0.3, min=0)
+    beta_max: float = bounded(0.5, min=0, max=1)
+    eta: float = bounded(0.2, min=0)
+    rho_max: float = bounded(0.5, min=0, max=1)
+    agree_tau: float = bounded(1.0, min=0, max=1)
+    correction: CorrectionOptions = field(default_factory=CorrectionOptions)
+    compat: Literal["fixed", "upstream"] = "fixed"
+    debug: DebugOptions = field(default_factory=DebugOptions)
+
+
+GRADIENT_OPTIONS: dict[str, type] = {"none": NoRuleOptions, "shake_align": ShakeAlignOptions}
 
 
 # ---- core sections --------------------------------------------------------------------------------
@@ -137,7 +212,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    views: list[Literal["full"]]
+    views: list[Literal["full", "core"]]
     max_samples: int | None = required(min=1)
     batch_size: int = required(min=1)
     backend: Literal["hf"] = required()

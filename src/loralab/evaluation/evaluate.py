@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from loralab.adapters.dual_rank import adapter_view
 from loralab.data.collate import collate, encode_classification, left_pad_prompts
 from loralab.evaluation.metrics import compute_metrics, extract_answer
 
@@ -44,6 +45,24 @@ def evaluate(
     predictions, references = [r["prediction"] for r in records], [r["reference"] for r in records]
     metrics = compute_metrics(spec.metrics, predictions, references, spec.label_names)
     return EvalResult(metrics=metrics, predictions=records)
+
+
+def evaluate_views(model: nn.Module, views: list[str], split: int | None, run: Callable[[], EvalResult]) -> EvalResult:
+    """Run an evaluation under each adapter view; metrics get a `<view>/` prefix unless only `full` is asked for.
+
+    The predictions kept are the full view's when it is evaluated, else the first view's.
+    """
+    if views == ["full"]:
+        return run()
+    metrics: dict[str, float] = {}
+    predictions: list[dict] = []
+    for view in views:
+        with adapter_view(model, view, split):
+            result = run()
+        metrics |= {f"{view}/{name}": value for name, value in result.metrics.items()}
+        if view == "full" or not predictions:
+            predictions = result.predictions
+    return EvalResult(metrics, predictions)
 
 
 def classify_records(model, tokenizer, spec, examples, batch_size: int, max_length: int) -> list[dict]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from loralab.gradient.base import GradientRule, NoRule
+from loralab.gradient.shake_align import ShakeAlign
 
 
 def build_rule(options: Any) -> GradientRule:
     """The gradient rule for `method.gradient` options."""
     if options.kind == "none":
         return NoRule()
+    if options.kind == "shake_align":
+        return ShakeAlign(options)
     raise ValueError(f"no gradient rule for kind {options.kind!r}")
 
 

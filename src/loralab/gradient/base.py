@@ -1,8 +1,9 @@
 """The GradientRule protocol: what happens between backward and the optimizer step.
 
-The training loop calls, per optimizer step: `compute_gradients` for each micro-batch (the regularizer is
-added to the loss there), then `before_step` (edit `.grad` in place), then clipping, the optimizer step,
-the scheduler, and `after_step`. `state_dict`/`load_state_dict` make resume exact.
+The training loop calls, per optimizer step: `begin_step` with the batch size, `compute_gradients` for each
+micro-batch in order (the regularizer is added to the loss there), then `before_step` (edit `.grad` in place),
+then clipping, the optimizer step, the scheduler, and `after_step`; the run writes `diagnostics()` rows to
+`<name>.csv`. `state_dict`/`load_state_dict` make resume exact.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class GradientRule(Protocol):
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
         """Bind the rule to the model and its LoRA views (hooks go in here)."""
 
+    def begin_step(self, examples: int) -> None:
+        """A new optimizer step of `examples` examples starts; its micro-batches follow in order."""
+
     def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:
         """Forward and backward one micro-batch; return the detached task loss."""
 
@@ -36,6 +40,9 @@ class GradientRule(Protocol):
     def after_step(self, step: int, loss: float) -> dict[str, float]:
         """Periodic work after the optimizer step (statistics, reprojection); return metrics to log."""
 
+    def diagnostics(self) -> list[dict]:
+        """Per-module rows gathered since the last call (for `<name>.csv`); [] when there are none."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -47,6 +54,9 @@ class NoRule:
     name = "none"
 
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
+        return None
+
+    def begin_step(self, examples: int) -> None:
         return None
 
     def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:
@@ -63,6 +73,9 @@ class NoRule:
 
     def after_step(self, step: int, loss: float) -> dict[str, float]:
         return {}
+
+    def diagnostics(self) -> list[dict]:
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -1,7 +1,7 @@
 """The training loop, readable top to bottom.
 
 One optimizer step = one batch of `train.batch_size` examples in `train.grad_accum` micro-batches:
-    rule.compute_gradients (per micro-batch; regularizer in the loss) → non-finite guard
+    rule.begin_step → rule.compute_gradients (per micro-batch; regularizer in the loss) → non-finite guard
     → rule.before_step → clip → optimizer.step → scheduler.step → rule.after_step
 then logging, evaluation and checkpoints through the `LoopEvents` the caller provides.
 """
@@ -103,6 +103,7 @@ def train(
 
         # forward + backward per micro-batch, each weighted by its share of the batch
         loss_sum, tokens = 0.0, 0
+        rule.begin_step(len(indices))
         for start in range(0, len(indices), micro_size):
             micro = [features[i] for i in indices[start : start + micro_size]]
             batch = {k: v.to(accelerator.device) for k, v in collate(micro, pad_token_id).items()}

@@ -20,12 +20,12 @@ from loralab.config.schema import RunConfig
 from loralab.data import TaskSpec, get_task, load_task
 from loralab.data.collate import encode_classification, encode_sft
 from loralab.errors import ConfigError
-from loralab.evaluation.evaluate import EvalResult, evaluate
+from loralab.evaluation.evaluate import EvalResult, evaluate, evaluate_views
 from loralab.experiments.runs import environment, plan_run, write_status
 from loralab.gradient import GradientRule, build_rule
 from loralab.models import load_model
 from loralab.progress import ProgressReporter
-from loralab.tracking import MetricsCSV, Trackers
+from loralab.tracking import MetricsCSV, RowsCSV, Trackers
 from loralab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from loralab.training.loop import BatchOrder, TrainState, peak_memory_mb, total_steps, train
 from loralab.training.optim import build_optimizer, build_scheduler
@@ -60,6 +60,11 @@ class RunParts:
     adapter: Adapter
     rule: GradientRule
     features: list[dict]
+
+    @property
+    def split(self) -> int | None:
+        """The dual-rank core/extension split (for the core view), None for other adapters."""
+        return getattr(self.adapter, "split", None)
 
 
 def run_training(config: RunConfig, show_progress: bool | None = None) -> RunOutcome:
@@ -109,7 +114,8 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
     if action == "resume" and checkpoints:
         state = TrainState(**load_checkpoint(checkpoints[-1], model, optimizer, scheduler, rule))
         log.info("resuming %s from %s", directory, checkpoints[-1].name)
-    MetricsCSV.truncate_after(directory / "metrics.csv", state.step)
+    for log_file in ("metrics.csv", f"{rule.name}.csv"):
+        MetricsCSV.truncate_after(directory / log_file, state.step)
     (directory / "config.yaml").write_text(dump_yaml(config))
     write_status(
         directory,
@@ -191,6 +197,7 @@ class RunEvents:
         self.config, self.directory, self.parts, self.model = config, directory, parts, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.csv = MetricsCSV(directory / "metrics.csv")
+        self.diagnostics = RowsCSV(directory / f"{parts.rule.name}.csv")
         run_name = f"{directory.parent.name}-{directory.name}"
         self.trackers = Trackers.start(config.log.trackers, directory, run_name, config_to_dict(config))
         self.progress = ProgressReporter(steps, enabled=show_progress)
@@ -205,6 +212,7 @@ class RunEvents:
             self.progress.note(step, f"non-finite loss or gradient, step skipped ({int(metrics['bad_steps'])} so far)")
 
     def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
+        self.diagnostics.write(self.parts.rule.diagnostics())
         train_cfg = self.config.train
         every = train_cfg.eval_every
         if last or (every and state.step % every == 0) or (epoch_ended and train_cfg.eval_each_epoch):
@@ -225,14 +233,19 @@ class RunEvents:
             )
 
     def run_eval(self, step: int) -> EvalResult:
-        result = evaluate(
+        result = evaluate_views(
             self.model,
-            self.parts.tokenizer,
-            self.parts.spec,
-            self.parts.eval_examples,
-            self.config.eval.batch_size,
-            self.config.task.max_length,
-            self.config.eval.max_new_tokens,
+            self.config.eval.views,
+            self.parts.split,
+            lambda: evaluate(
+                self.model,
+                self.parts.tokenizer,
+                self.parts.spec,
+                self.parts.eval_examples,
+                self.config.eval.batch_size,
+                self.config.task.max_length,
+                self.config.eval.max_new_tokens,
+            ),
         )
         self.log(step, "eval", result.metrics)
         self.progress.note(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
@@ -242,6 +255,7 @@ class RunEvents:
         self.progress.close()
         self.trackers.finish()
         self.csv.close()
+        self.diagnostics.close()
 
 
 def write_eval(directory: Path, result: EvalResult, name: str = "eval.json") -> None:

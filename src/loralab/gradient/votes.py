@@ -1,0 +1,116 @@
+"""Votes: windows of an optimizer batch, per-window gradient buffers, combined votes and the C2 statistics.
+
+A vote v_k is the gradient of the mean loss over window k; w_k = |k|/N, so Σ_k w_k v_k is the batch gradient.
+Buffers hold each window's *share* c_k = w_k v_k of the batch gradient (what a hook or a backward yields);
+statistics use v_k = c_k / w_k. Everything the statistics need is in the vote Gram matrices.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+EPS = 1e-12  # guards only true zeros: a small gradient must not look like disagreement
+
+
+def vote_windows(examples: int, samples_per_vote: int, allow_tail: bool) -> list[tuple[int, int]]:
+    """[start, end) of each window; a short last window is kept, or merged into the previous one."""
+    bounds = [(start, min(start + samples_per_vote, examples)) for start in range(0, examples, samples_per_vote)]
+    if not allow_tail and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < samples_per_vote:
+        bounds[-2:] = [(bounds[-2][0], examples)]
+    return bounds
+
+
+def vote_matrix(singles: int, keep_single: bool, combine: bool, size: int, limit: int) -> Tensor:
+    """Rows = votes as 0/1 combinations of the single votes: the singles, then sums of `size` of them."""
+    rows = [[i] for i in range(singles)] if keep_single else []
+    if combine:
+        combos = list(itertools.combinations(range(singles), size))
+        rows += [list(c) for c in (combos[:limit] if limit > 0 else combos)]
+    matrix = torch.zeros(len(rows), singles, dtype=torch.float64)
+    for row, members in enumerate(rows):
+        matrix[row, members] = 1.0
+    return matrix
+
+
+def loss_units(batch: dict) -> int:
+    """What the task loss averages over: examples (classification) or predicted tokens (causal LM)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.shape[0]
+    return int((labels[:, 1:] != -100).sum())
+
+
+@dataclass
+class BlockVotes:
+    """Per-window shares of one LoRA block's A (V×R×d_in) and B (V×d_out×R) gradients, in fp32."""
+
+    A: Tensor
+    B: Tensor
+    split: int
+
+    @classmethod
+    def zeros(cls, windows: int, A: Tensor, B: Tensor, split: int) -> BlockVotes:
+        return cls(
+            torch.zeros((windows, *A.shape), dtype=torch.float32, device=A.device),
+            torch.zeros((windows, *B.shape), dtype=torch.float32, device=B.device),
+            split,
+        )
+
+    def parts(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Single votes v_k = c_k / w_k as rows, split into the core and the extension parameters."""
+        r, count = self.split, self.A.shape[0]
+        scale = (1.0 / weights).to(self.A).view(-1, 1)
+        core = torch.cat([self.A[:, :r].reshape(count, -1), self.B[:, :, :r].reshape(count, -1)], dim=1)
+        extension = torch.cat([self.A[:, r:].reshape(count, -1), self.B[:, :, r:].reshape(count, -1)], dim=1)
+        return core * scale, extension * scale
+
+
+def flatten_parts(A: Tensor, B: Tensor, split: int) -> tuple[Tensor, Tensor]:
+    """(g_r, g_hi) of one block's A, B tensors: A rows then B columns, each flattened row-major."""
+    core = torch.cat([A[:split].reshape(-1), B[:, :split].reshape(-1)])
+    extension = torch.cat([A[split:].reshape(-1), B[:, split:].reshape(-1)])
+    return core, extension
+
+
+def unflatten_parts(core: Tensor, extension: Tensor, A: Tensor, B: Tensor, split: int) -> None:
+    """Write (g_r, g_hi) back into A and B in place (the inverse of `flatten_parts`)."""
+    a_core, a_ext = A[:split].numel(), A[split:].numel()
+    A[:split].copy_(core[:a_core].view_as(A[:split]))
+    B[:, :split].copy_(core[a_core:].view_as(B[:, :split]))
+    A[split:].copy_(extension[:a_ext].view_as(A[split:]))
+    B[:, split:].copy_(extension[a_ext:].view_as(B[:, split:]))
+
+
+@dataclass(frozen=True)
+class C2Stats:
+    """Vote consistency of the core (C_r) and of the full gradient (C_R); the core's consensus share (A_b)."""
+
+    C_r: float
+    C_R: float
+    A_b: float
+
+    def metric(self, name: str) -> float:
+        return 1.0 - self.A_b if name == "misalign" else getattr(self, name)
+
+
+def mean_pairwise_cosine(gram: Tensor) -> float:
+    """Mean over pairs i<j of gram[i,j] / max(√(gram[i,i]·gram[j,j]), ε)."""
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1)
+    return float((gram[i, j] / (norms[i] * norms[j]).clamp_min(EPS)).mean())
+
+
+def c2_statistics(gram_core: Tensor, gram_extension: Tensor) -> C2Stats:
+    """C_r, C_R and A_b from the Gram matrices of the core and extension parts of the votes (V ≥ 2)."""
+    gram_full = gram_core + gram_extension
+    consensus_core = gram_core.sum().clamp_min(0).sqrt()
+    consensus_full = gram_full.sum().clamp_min(0).sqrt()
+    return C2Stats(
+        C_r=mean_pairwise_cosine(gram_core),
+        C_R=mean_pairwise_cosine(gram_full),
+        A_b=float(consensus_core / consensus_full.clamp_min(EPS)),
+    )
