@@ -56,6 +56,27 @@ CASES = {
         lambda t: ["train", "train.batch_size=10", "train.grad_accum=4"],
         r"multiple of train.grad_accum",
     ),
+    "shake_align without dual-rank": (
+        lambda t: ["train", "method.gradient.kind=shake_align"],
+        r"shake_align needs method.adapter.kind=dual_rank_lora, not lora",
+    ),
+    "extension rank not above core": (
+        lambda t: ["train", "method.name=ours", "method.adapter.R=8"],
+        r"method.adapter.R \(8\) must be larger than method.adapter.r \(8\)",
+    ),
+    "one vote per step": (
+        lambda t: ["train", "method.name=ours", "train.batch_size=8"],
+        r"samples_per_vote \(8\) must be smaller than train.batch_size \(8\)",
+    ),
+    "votes under fp16": (
+        lambda t: ["train", "method.name=ours", "train.mixed_precision=fp16"],
+        r"cannot run with train.mixed_precision=fp16",
+    ),
+    "core view of plain lora": (lambda t: ["train", "eval.views=[core]"], r"eval.views=core needs"),
+    "unknown shake_align key": (
+        lambda t: ["train", "method.name=ours", "method.gradient.trigger.percentile=80"],
+        r"unknown key 'method.gradient.trigger.percentile' \(did you mean 'percentile_p'\?\)",
+    ),
     "wrong head for task": (
         lambda t: ["train", "model.kind=causal_lm", *TINY],
         r"model.kind=causal_lm cannot run a classification task",

@@ -1,0 +1,271 @@
+"""Shake-to-Align on a tiny RoBERTa: vote capture on both routes against per-window autograd, statistics against
+stacked votes, the ablation identities against PEFT LoRA of rank R, upstream scaling, resume, diagnostics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loralab.config import load_config
+from loralab.data.collate import collate
+from loralab.gradient import NoRule
+from loralab.gradient.votes import flatten_parts
+from loralab.tracking import read_metrics
+from loralab.training.checkpoint import list_checkpoints
+from loralab.training.loop import BatchOrder, TrainState, train
+from loralab.training.optim import build_optimizer, build_scheduler
+from loralab.training.recipe import new_accelerator, prepare, run_training
+from test_shake_align_formulas import hand_c2
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "model.name=tiny-roberta",
+    "task.name=synthetic/entailment",
+    "task.train_samples=96",
+    "task.eval_samples=32",
+    "model.dropout=0",
+    "train.batch_size=32",
+    "train.lr=1e-2",
+    "train.warmup_ratio=0",
+    "log.every=1",
+]
+
+
+OURS = ("method.name=ours", "method.adapter.r=2", "method.adapter.R=6", "method.adapter.dropout=0")
+# PEFT LoRA of rank R = 6 whose lora_alpha/R equals the dual-rank scaling alpha/r = 16/2
+LORA_R = ("method.name=baseline_R", "method.adapter.r=6", "method.adapter.alpha=48", "method.adapter.dropout=0")
+
+
+def config_for(tmp_path, *overrides: str, method: tuple[str, ...] = OURS):
+    return load_config([], [*BASE, *method, f"io.root={tmp_path / 'runs'}", *overrides])
+
+
+class Silent:
+    def log(self, step, split, metrics):
+        return None
+
+    def after_step(self, state, epoch_ended, last):
+        return None
+
+
+def train_parts(parts, config, steps: int):
+    """Drive the real loop for `steps` optimizer steps on prepared parts; returns the model."""
+    accelerator = new_accelerator("no")
+    optimizer = build_optimizer(parts.model, config.train)
+    model, optimizer = accelerator.prepare(parts.model, optimizer)
+    scheduler = build_scheduler(optimizer, config.train, steps)
+    order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
+    budget = type(config.train)(**{**config.train.__dict__, "max_steps": steps})
+    train(
+        model,
+        parts.features,
+        parts.rule,
+        budget,
+        accelerator,
+        optimizer,
+        scheduler,
+        TrainState(),
+        order,
+        1,
+        Silent(),
+        1,
+    )
+    return model
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def first_batch(parts, config):
+    order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
+    return collate([parts.features[i] for i in order.batch(0, 0)], parts.tokenizer.pad_token_id)
+
+
+def window_votes(parts, batch, windows):
+    """Reference votes: autograd of the mean loss over each window's examples, flattened core | extension."""
+    core, extension = {}, {}
+    views = parts.adapter.lora_modules(parts.model)
+    for start, end in windows:
+        piece = {k: v[start:end] for k, v in batch.items()}
+        loss = parts.model(**piece).loss
+        for name, view in views.items():
+            gA, gB = torch.autograd.grad(loss, [view.A, view.B], retain_graph=True)
+            c, e = flatten_parts(gA, gB, view.split)
+            core.setdefault(name, []).append(c.numpy().astype(np.float64))
+            extension.setdefault(name, []).append(e.numpy().astype(np.float64))
+    return core, extension
+
+
+def rule_votes(parts, batch, grad_accum: int = 1):
+    """The rule's single votes v_k = c_k / w_k per block, after capturing one batch in `grad_accum` pieces."""
+    rule = parts.rule
+    rule.begin_step(batch["labels"].shape[0])
+    size = batch["labels"].shape[0] // grad_accum
+    for start in range(0, batch["labels"].shape[0], size):
+        micro = {k: v[start : start + size] for k, v in batch.items()}
+        weight = size / batch["labels"].shape[0]
+        rule.compute_gradients(
+            parts.model, micro, lambda m, b: m(**b).loss, lambda loss, w=weight: (loss * w).backward()
+        )
+    weights = torch.tensor([(e - s) / rule.windows[-1][1] for s, e in rule.windows], dtype=torch.float64)
+    return {name: block.parts(weights) for name, block in rule.buffers.items()}
+
+
+@pytest.mark.parametrize("route", ["vectorized", "microbatch"])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_votes_equal_per_window_autograd(tmp_path, route, grad_accum):
+    """Windows of 3 over a batch of 32 (a tail of 2) cross the micro-batch boundary when grad_accum = 2."""
+    config = config_for(
+        tmp_path,
+        f"method.gradient.route={route}",
+        "method.gradient.samples_per_vote=3",
+        f"train.grad_accum={grad_accum}",
+    )
+    parts = prepare(config)
+    batch = first_batch(parts, config)
+    votes = rule_votes(parts, batch, grad_accum)
+    parts.model.zero_grad(set_to_none=True)
+    core, extension = window_votes(parts, batch, parts.rule.windows)
+    assert len(parts.rule.windows) == 11
+    for name, (rule_core, rule_ext) in votes.items():
+        for ours, reference in ((rule_core, core[name]), (rule_ext, extension[name])):
+            reference = np.stack(reference)
+            error = np.linalg.norm(ours.numpy() - reference) / np.linalg.norm(reference)
+            assert error <= 1e-5, (name, error)
+
+
+def test_routes_agree_with_each_other(tmp_path):
+    votes = {}
+    for route in ("vectorized", "microbatch"):
+        config = config_for(tmp_path, f"method.gradient.route={route}")
+        parts = prepare(config)
+        votes[route] = rule_votes(parts, first_batch(parts, config))
+    for name, (core, ext) in votes["vectorized"].items():
+        other_core, other_ext = votes["microbatch"][name]
+        for a, b in ((core, other_core), (ext, other_ext)):
+            assert float((a - b).norm() / b.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("combine", [False, True])
+def test_statistics_equal_stacked_vote_reference(tmp_path, combine):
+    config = config_for(
+        tmp_path,
+        "method.gradient.debug.every_steps=1",
+        f"method.gradient.combine_votes={str(combine).lower()}",
+        "method.gradient.history.window_steps=1",
+    )
+    parts = prepare(config)
+    batch = first_batch(parts, config)
+    core, extension = window_votes(parts, batch, [(0, 8), (8, 16), (16, 24), (24, 32)])
+    parts.model.zero_grad(set_to_none=True)
+    rule_votes(parts, batch)
+    parts.rule.before_step(0)
+    rows = {row["block"]: row for row in parts.rule.diagnostics()}
+    assert len(rows) == len(core) > 0
+    for name, row in rows.items():
+        c, e = np.stack(core[name]), np.stack(extension[name])
+        if combine:
+            pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+            c = np.concatenate([c, [c[i] + c[j] for i, j in pairs]])
+            e = np.concatenate([e, [e[i] + e[j] for i, j in pairs]])
+        expected = hand_c2(c, e)
+        got = (row["fresh_C_r"], row["fresh_C_R"], row["fresh_A_b"])
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("switch", ["method.gradient.kind=none", "method.gradient.correction.mode=none"])
+def test_ablations_train_bit_for_bit_like_peft_lora_of_rank_R(tmp_path, switch):
+    config = config_for(tmp_path, switch)
+    ours = prepare(config)
+    assert isinstance(ours.rule, NoRule) == (switch == "method.gradient.kind=none")
+    initial = trainable(ours.model)
+
+    reference = prepare(config_for(tmp_path, method=LORA_R))  # A_hi's init is copied in below
+    assert {v.scaling for v in reference.adapter.lora_modules(reference.model).values()} == {8.0}
+    missing, unexpected = reference.model.load_state_dict(initial, strict=False)
+    assert not unexpected and not any(n in initial for n in missing)
+
+    trained = trainable(train_parts(ours, config, 20))
+    expected = trainable(train_parts(reference, config, 20))
+    assert sorted(trained) == sorted(expected)
+    for name, tensor in trained.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert any(not torch.equal(trained[n], initial[n]) for n in trained if "lora_A" in n)
+
+
+def test_routes_give_the_same_adapter_after_20_corrected_steps(tmp_path):
+    results = {}
+    for route in ("vectorized", "microbatch"):
+        config = config_for(tmp_path, f"method.gradient.route={route}", "method.gradient.trigger.percentile_p=50")
+        results[route] = trainable(train_parts(prepare(config), config, 20))
+    for name, tensor in results["vectorized"].items():
+        difference = float((tensor - results["microbatch"][name]).abs().max())
+        assert difference <= 1e-4, (name, difference)
+
+
+def test_corrections_change_training(tmp_path):
+    """Guard for the identity test: with the correction on, training differs from the ablation."""
+    corrected = trainable(train_parts(prepare(config := config_for(tmp_path)), config, 5))
+    plain = trainable(train_parts(prepare(c2 := config_for(tmp_path, "method.gradient.kind=none")), c2, 5))
+    assert any(not torch.allclose(corrected[n], plain[n]) for n in corrected)
+
+
+def test_upstream_reproduces_the_scaffold_gradient_scale(tmp_path):
+    """compat=upstream, no correction: .grad = Σ_k v_k = V × the batch gradient for equal windows (head too)."""
+    config = config_for(tmp_path, "method.gradient.compat=upstream", "method.gradient.correction.mode=none")
+    parts = prepare(config)
+    batch = first_batch(parts, config)
+    parts.model(**batch).loss.backward()
+    expected = {n: p.grad.clone() * 4 for n, p in parts.model.named_parameters() if p.requires_grad}
+    parts.model.zero_grad(set_to_none=True)
+    rule_votes(parts, batch)
+    parts.rule.before_step(0)
+    for name, param in parts.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_resume_restores_the_rule_state(tmp_path):
+    """Stopped after the step-4 checkpoint and resumed: adapter and shake_align.csv equal the uninterrupted run's."""
+    args = [
+        "train.max_steps=8",
+        "train.checkpoint_every=4",
+        "method.gradient.trigger.percentile_p=50",
+        "method.gradient.debug.every_steps=2",
+    ]
+    whole = run_training(config_for(tmp_path / "a", *args), show_progress=False)
+    first = run_training(config_for(tmp_path / "b", *args), show_progress=False)
+    for checkpoint in list_checkpoints(first.directory / "checkpoints")[1:]:
+        shutil.rmtree(checkpoint)
+    status = json.loads((first.directory / "status.json").read_text())
+    (first.directory / "status.json").write_text(json.dumps({**status, "state": "interrupted"}))
+    resumed = run_training(config_for(tmp_path / "b", *args, "io.overwrite=resume"), show_progress=False)
+    assert resumed.action == "resume"
+    a, b = (load_file(str(run.directory / "adapter" / "adapter_model.safetensors")) for run in (whole, resumed))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [(run.directory / "shake_align.csv").read_text().splitlines() for run in (whole, resumed)]
+    assert rows[0] == rows[1] and len(rows[0]) > 1
+
+
+def test_run_logs_statistics_and_evaluates_both_views(tmp_path):
+    config = config_for(tmp_path, "train.max_steps=4", "eval.views=[core, full]", "method.gradient.debug.every_steps=2")
+    outcome = run_training(config, show_progress=False)
+    assert {"core/accuracy", "full/accuracy"} <= set(outcome.metrics)
+    metrics = {(r["step"], r["metric"]): r["value"] for r in read_metrics(outcome.directory / "metrics.csv")}
+    for step in range(1, 5):
+        assert 0 <= metrics[(step, "shake/trigger_rate")] <= 1
+        assert metrics[(step, "shake/C_R_min")] <= metrics[(step, "shake/C_R_mean")] <= metrics[(step, "shake/C_R_max")]
+        assert metrics[(step, "shake/votes")] == 4
+    with open(outcome.directory / "shake_align.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    parts = prepare(config)
+    blocks = len(parts.adapter.lora_modules(parts.model))
+    assert {int(r["step"]) for r in rows} == {2, 4} and len(rows) == 2 * blocks
