@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -105,6 +106,11 @@ def test_exported_views_load_with_plain_peft(tmp_path):
         with adapter_view(trained, "core", 2):
             core = trained(**inputs).logits
     assert (full - core).abs().max() > 1e-4
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--run", str(outcome.directory), "--out", str(out), "eval.views=[core, full]"]) == 0
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    assert metrics["full/accuracy"] == outcome.metrics["accuracy"] and 0 <= metrics["core/accuracy"] <= 1
 
     assert main(["export", str(outcome.directory), "--view", "core", "--out", str(tmp_path / "core")]) == 0
     export_view(outcome.directory / "adapter", tmp_path / "full", "full")

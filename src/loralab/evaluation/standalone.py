@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 from loralab.adapters import load_adapter
+from loralab.adapters.dual_rank import adapter_split
 from loralab.config.schema import RunConfig
 from loralab.data import get_task, load_task
 from loralab.errors import DataError
-from loralab.evaluation.evaluate import evaluate
+from loralab.evaluation.evaluate import evaluate, evaluate_views
 from loralab.evaluation.metrics import compute_metrics, extract_answer
 from loralab.models import load_model
 from loralab.training.recipe import resolve_head, write_eval
@@ -25,8 +26,13 @@ def evaluate_adapter(config: RunConfig, adapter_dir: Path, out: Path, max_sample
     model, tokenizer = load_model(config.model, head, spec.num_labels)
     model = load_adapter(model, adapter_dir)
     examples = task.eval[: max_samples or config.eval.max_samples]
-    result = evaluate(
-        model, tokenizer, spec, examples, config.eval.batch_size, config.task.max_length, config.eval.max_new_tokens
+    result = evaluate_views(
+        model,
+        config.eval.views,
+        adapter_split(adapter_dir),
+        lambda: evaluate(
+            model, tokenizer, spec, examples, config.eval.batch_size, config.task.max_length, config.eval.max_new_tokens
+        ),
     )
     out.mkdir(parents=True, exist_ok=True)
     write_eval(out, result)

@@ -255,45 +255,45 @@ class ShakeAlign:
     def before_step(self, step: int) -> dict[str, float]:
         examples = self.windows[-1][1]
         weights = torch.tensor([(end - start) / examples for start, end in self.windows], dtype=torch.float64)
-        votes = vote_matrix(
-            len(self.windows), self.o.keep_single_votes, self.o.combine_votes, self.o.combine_size, self.o.combine_max
-        )
-        upstream = self.o.compat == "upstream"
+        o = self.o
+        votes = vote_matrix(len(self.windows), o.keep_single_votes, o.combine_votes, o.combine_size, o.combine_max)
         parts = {name: block.parts(weights) for name, block in self.buffers.items()}
         self.set_batch_gradients(weights)
         if votes.shape[0] < 2:
             return {"shake/skipped": 1.0, "shake/votes": float(votes.shape[0])}
 
-        fresh, smoothed = {}, {}
-        for name, (core, extension) in parts.items():
-            gram_core, gram_ext = (votes @ (m @ m.T).double() @ votes.T for m in (core, extension))
-            fresh[name] = c2_statistics(gram_core, gram_ext)
-            smoothed[name] = self.history.update(name, fresh[name])
-        triggered = triggered_blocks({b: s.metric(self.o.trigger.metric) for b, s in smoothed.items()}, self.o.trigger)
-
-        record = self.o.debug.every_steps > 0 and (step + 1) % self.o.debug.every_steps == 0
+        fresh = {
+            name: c2_statistics(*(votes @ (m @ m.T).double() @ votes.T for m in part)) for name, part in parts.items()
+        }
+        smoothed = {name: self.history.update(name, stats) for name, stats in fresh.items()}
+        triggered = triggered_blocks({b: s.metric(o.trigger.metric) for b, s in smoothed.items()}, o.trigger)
         applied: dict[str, Coefficients] = {}
-        for name in sorted(triggered) if self.o.correction.mode != "none" else []:
-            core, extension = parts[name]
-            w = weights.to(core)
-            if upstream:
-                row_sum = votes.sum(0).to(core)
-                consensus_r, consensus_hi = row_sum @ core, None
-            else:
-                consensus_r = w @ core
-                agreement = (w @ extension.sign()).abs() >= self.o.agree_tau - AGREEMENT_SLACK
-                consensus_hi = (w @ extension) * agreement
-            view = self.views[name]
-            g_r, g_hi = flatten_parts(view.A.grad.float(), view.B.grad.float(), view.split)
-            applied[name] = Coefficients.of(smoothed[name], self.o)
-            g_r, g_hi = correct(g_r, g_hi, applied[name], consensus_r, consensus_hi, self.o.correction.mode, upstream)
-            unflatten_parts(g_r, g_hi, view.A.grad, view.B.grad, view.split)
-        if record:
+        for name in sorted(triggered) if o.correction.mode != "none" else []:
+            applied[name] = Coefficients.of(smoothed[name], o)
+            self.correct_block(self.views[name], applied[name], *self.consensus(*parts[name], weights, votes))
+        if o.debug.every_steps and (step + 1) % o.debug.every_steps == 0:
             self.rows = [
                 block_row(step + 1, name, len(self.windows), fresh[name], smoothed[name], applied.get(name))
                 for name in self.views
             ]
         return step_metrics(smoothed, triggered, applied, votes.shape[0])
+
+    def consensus(
+        self, core: Tensor, extension: Tensor, weights: Tensor, votes: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """ḡ_r = Σ_k w_k v_{k,r}; c_hi = Σ_k w_k v_{k,hi} where the votes agree in sign (upstream: Σ rows, tiling)."""
+        if self.o.compat == "upstream":
+            return votes.sum(0).to(core) @ core, None
+        w = weights.to(core)
+        agreement = (w @ extension.sign()).abs() >= self.o.agree_tau - AGREEMENT_SLACK
+        return w @ core, (w @ extension) * agreement
+
+    def correct_block(self, view: LoraView, c: Coefficients, consensus_r: Tensor, consensus_hi: Tensor | None) -> None:
+        """Rewrite one block's A and B gradients with the corrected (g_r, g_hi)."""
+        g_r, g_hi = flatten_parts(view.A.grad.float(), view.B.grad.float(), view.split)
+        upstream = self.o.compat == "upstream"
+        g_r, g_hi = correct(g_r, g_hi, c, consensus_r, consensus_hi, self.o.correction.mode, upstream)
+        unflatten_parts(g_r, g_hi, view.A.grad, view.B.grad, view.split)
 
     def set_batch_gradients(self, weights: Tensor) -> None:
         """`.grad` before correction: Σ_k w_k v_k (already there on the vectorized route), or the scaffold's Σ_k v_k.
