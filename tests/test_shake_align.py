@@ -269,3 +269,17 @@ def test_run_logs_statistics_and_evaluates_both_views(tmp_path):
     parts = prepare(config)
     blocks = len(parts.adapter.lora_modules(parts.model))
     assert {int(r["step"]) for r in rows} == {2, 4} and len(rows) == 2 * blocks
+
+
+def test_a_step_with_one_vote_is_diagnosed_as_skipped_and_left_alone(tmp_path):
+    config = config_for(tmp_path)
+    parts = prepare(config)
+    batch = {k: v[:6] for k, v in first_batch(parts, config).items()}  # the short last batch of an epoch
+    parts.model(**batch).loss.backward()
+    expected = {n: p.grad.clone() for n, p in parts.model.named_parameters() if p.requires_grad}
+    parts.model.zero_grad(set_to_none=True)
+    rule_votes(parts, batch)
+    assert parts.rule.before_step(0) == {"shake/skipped": 1.0, "shake/votes": 1.0}
+    for name, param in parts.model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, expected[name]), name
