@@ -10,76 +10,29 @@ the table reports the median, min and max step time of each and the ratio of med
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import statistics
 import time
 
 import torch
-from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 from transformers import get_scheduler
 
+from common import Run, alternate, loop_side, print_table, synthetic_features
 from loralab.adapters import build_adapter
 from loralab.config import load_config
 from loralab.data.collate import collate
 from loralab.gradient import NoRule
 from loralab.models import load_model
-from loralab.training.loop import BatchOrder, TrainState, train
-from loralab.training.optim import build_optimizer, build_scheduler
+from loralab.training.loop import BatchOrder
 
 
-def synthetic_features(count: int, length: int, vocab: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (count, length), generator=generator).tolist()
-    return [{"input_ids": row, "attention_mask": [1] * length, "labels": row} for row in ids]
-
-
-class StepTimes:
-    """LoopEvents that record the wall time between consecutive steps: everything the loop does counts."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.last = time.perf_counter()
-
-    def start(self) -> None:
-        self.times, self.last = [], time.perf_counter()
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_step(self, state, epoch_ended: bool, last: bool) -> None:
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
-
-
-def loralab_side(config, features, pad_id):
+def loralab_side(config, features, pad_id) -> Run:
     """loralab's own loop (`training.loop.train`) with the `none` rule, advanced `steps` at a time."""
     model, _ = load_model(config.model, "causal_lm")
-    adapter = build_adapter(config.method.adapter, "causal_lm")
-    model = adapter.apply(model)
-    rule = NoRule()
-    accelerator = Accelerator(mixed_precision="no")
-    optimizer = build_optimizer(model, config.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = build_scheduler(optimizer, config.train, 10**6)
-    order = BatchOrder(len(features), config.train.batch_size, 0)
-    state = TrainState()
-    events = StepTimes()
-
-    def run(steps: int) -> list[float]:
-        nonlocal state
-        events.start()
-        budget = dataclasses.replace(config.train, max_steps=state.step + steps)
-        state = train(
-            model, features, rule, budget, accelerator, optimizer, scheduler, state, order, pad_id, events, log_every=1
-        )
-        return list(events.times)
-
-    return run
+    model = build_adapter(config.method.adapter, "causal_lm").apply(model)
+    return loop_side(model, NoRule(), config.train, features, pad_id)
 
 
-def hand_written_side(config, features, pad_id):
+def hand_written_side(config, features, pad_id) -> Run:
     """The loop a researcher writes by hand: PEFT model, AdamW, forward, backward, clip, step."""
     model, _ = load_model(config.model, "causal_lm")
     o = config.method.adapter
@@ -146,27 +99,13 @@ def main() -> None:
         "hand-written PEFT loop": hand_written_side(config, features, tokenizer.pad_token_id),
         "loralab loop": loralab_side(config, features, tokenizer.pad_token_id),
     }
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for run in sides.values():
-        run(args.warmup)
-    for _ in range(args.rounds):
-        for name, run in sides.items():
-            times[name] += run(args.steps)
-
-    reference = statistics.median(times["hand-written PEFT loop"])
+    times = alternate(sides, args.warmup, args.rounds, args.steps)
     print(
         f"tiny-llama, batch {args.batch} x {args.length} tokens, LoRA r {config.method.adapter.r} on q,v, "
         f"AdamW, {args.rounds} x {args.steps} steps per side after {args.warmup} warm-up, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"| {'side':<24} | median ms | min ms | max ms | ratio to hand-written |")
-    print(f"| {'-' * 24} | --------- | ------ | ------ | --------------------- |")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(
-            f"| {name:<24} | {median * 1e3:9.2f} | {min(values) * 1e3:6.2f} | {max(values) * 1e3:6.2f} | "
-            f"{median / reference:21.3f} |"
-        )
+    print_table(times, "hand-written PEFT loop")
 
 
 if __name__ == "__main__":
