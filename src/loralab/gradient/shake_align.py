@@ -58,10 +58,12 @@ class StatsHistory:
 
     def weights(self, n: int) -> list[float]:
         """Normalised weights of the last n steps, oldest first: β^(n−1−i), uniform, or 1..n."""
-        kind = self.options.weighting
-        raw = {"exp": [self.options.exp_beta ** (n - 1 - i) for i in range(n)], "uniform": [1.0] * n}.get(
-            kind, [float(i + 1) for i in range(n)]
-        )
+        if self.options.weighting == "exp":
+            raw = [self.options.exp_beta ** (n - 1 - i) for i in range(n)]
+        elif self.options.weighting == "uniform":
+            raw = [1.0] * n
+        else:
+            raw = [float(i + 1) for i in range(n)]
         total = sum(raw)
         return [w / total for w in raw]
 
