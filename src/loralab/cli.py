@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="directory for the exported adapter")
     export.set_defaults(handler=cmd_export)
 
+    report = commands.add_parser("report", help="mean ± std tables of completed runs, grouped by all but the seed")
+    report.add_argument("paths", nargs="+", type=Path, help="run roots or run directories")
+    report.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    report.add_argument("--out", type=Path, help="write the table here too")
+    report.set_defaults(handler=cmd_report)
+
     score = commands.add_parser("score", help="re-score a predictions.jsonl file")
     score.add_argument("--task", required=True)
     score.add_argument("--predictions", required=True, type=Path)
@@ -142,6 +148,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = args.adapter / "adapter" if (args.adapter / "adapter").is_dir() else args.adapter
     out = export_view(source, args.out, args.view)
     print(f"{args.view} view of {source} written as a PEFT adapter: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from loralab.experiments.report import find_groups, render, table
+
+    text = render(*table(find_groups(args.paths)), args.format)
+    print(text, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
     return 0
 
 
