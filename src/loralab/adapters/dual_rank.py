@@ -48,7 +48,10 @@ class DualRankLoraAdapter(PeftAdapter):
     def __init__(self, head: str, options: DualRankOptions) -> None:
         super().__init__(head)
         self.options = options
-        self.split = options.r
+
+    @property
+    def split(self) -> int:
+        return self.options.r
 
     def peft_config(self, model: nn.Module) -> LoraConfig:
         o = self.options
@@ -87,17 +90,16 @@ def adapter_view(model: nn.Module, view: str, split: int | None) -> Iterator[Non
         return
     if split is None:
         raise AdapterError("the core view needs a dual-rank adapter (no split point recorded)")
-    saved = {}
     with torch.no_grad():
-        for name, lora in peft_lora_views(model).items():
-            saved[name] = lora.B[:, split:].clone()
-            lora.B[:, split:] = 0
+        saved = [(lora.B, lora.B[:, split:].clone()) for lora in peft_lora_views(model).values()]
+        for B, _ in saved:
+            B[:, split:] = 0
     try:
         yield
     finally:
         with torch.no_grad():
-            for name, lora in peft_lora_views(model).items():
-                lora.B[:, split:] = saved[name]
+            for B, extension in saved:
+                B[:, split:] = extension
 
 
 def adapter_split(directory: Path) -> int | None:

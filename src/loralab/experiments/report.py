@@ -34,7 +34,8 @@ class Group:
         return collect(best_eval(run) for run in self.runs)
 
     def status(self, key: str) -> list[float]:
-        return [float(read_status(run)[key]) for run in self.runs if read_status(run).get(key) is not None]
+        values = (read_status(run).get(key) for run in self.runs)
+        return [float(value) for value in values if value is not None]
 
 
 def collect(per_run) -> dict[str, list[float]]:
