@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(evaluate, files=True)
     evaluate.set_defaults(handler=cmd_eval)
 
-    export = commands.add_parser("export", help="write a view of a dual-rank adapter as a plain PEFT adapter")
+    export = commands.add_parser(
+        "export", help="write a dual-rank view, or a GRIT adapter at its reprojection ranks, as a plain PEFT adapter"
+    )
     export.add_argument("adapter", type=Path, help="adapter directory, or a run directory holding adapter/")
-    export.add_argument("--view", choices=("core", "full"), default="core", help="core: rank r; full: rank R")
+    form = export.add_mutually_exclusive_group()
+    form.add_argument("--view", choices=("core", "full"), help="dual-rank view: core (rank r, the default) or full")
+    form.add_argument("--compress", action="store_true", help="GRIT: per-module rank k_m (PEFT rank_pattern)")
     export.add_argument("--out", type=Path, required=True, help="directory for the exported adapter")
     export.set_defaults(handler=cmd_export)
 
@@ -143,11 +147,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from loralab.adapters.compress import compress_adapter
     from loralab.adapters.dual_rank import export_view
 
     source = args.adapter / "adapter" if (args.adapter / "adapter").is_dir() else args.adapter
-    out = export_view(source, args.out, args.view)
-    print(f"{args.view} view of {source} written as a PEFT adapter: {out}")
+    if args.compress:
+        ranks = compress_adapter(source, args.out)
+        low, high, kept = min(ranks.values()), max(ranks.values()), sum(ranks.values())
+        print(f"{source} written at per-module ranks {low}..{high} (sum {kept}) as a PEFT adapter: {args.out}")
+        return 0
+    view = args.view or "core"
+    out = export_view(source, args.out, view)
+    print(f"{view} view of {source} written as a PEFT adapter: {out}")
     return 0
 
 

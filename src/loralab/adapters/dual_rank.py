@@ -26,7 +26,7 @@ from loralab.adapters.base import (
     write_side_file,
 )
 from loralab.adapters.lora import peft_lora_views
-from loralab.adapters.peft_any import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TYPES, PeftAdapter
+from loralab.adapters.peft_any import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TYPES, PeftAdapter, uniform_scaling
 from loralab.adapters.targets import resolve_targets
 from loralab.config.schema import DualRankOptions
 from loralab.errors import AdapterError
@@ -126,10 +126,7 @@ def export_view(directory: Path, out: Path, view: str) -> Path:
         write_side_file(out, read_json(directory / SIDE_FILE))
         return out
     config = read_json(directory / ADAPTER_CONFIG)
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise AdapterError(f"{directory}: per-module rank or alpha patterns cannot be exported as one core rank")
-    rank = config["r"]
-    scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    scaling = uniform_scaling(config, directory)
     check_safetensors(directory / ADAPTER_WEIGHTS)
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
     core = {name: core_slice(name, tensor, split) for name, tensor in tensors.items()}

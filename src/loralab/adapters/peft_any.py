@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,3 +114,11 @@ class AnyPeftAdapter(PeftAdapter):
 
     def side_data(self) -> dict:
         return {"adapter": self.name, "peft_type": self.peft_type}
+
+
+def uniform_scaling(config: dict, directory: Path) -> float:
+    """The one LoRA scaling (α/r, or α/√r for rsLoRA) of a saved adapter without per-module patterns."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise AdapterError(f"{directory}: adapters with per-module rank or alpha patterns cannot be rewritten here")
+    rank = config["r"]
+    return config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)

@@ -293,6 +293,23 @@ def check_combinations(config: RunConfig) -> None:
         raise ConfigError(f"eval.views=core needs method.adapter.kind=dual_rank_lora, not {adapter.kind}")
     if config.method.gradient.kind == "shake_align":
         check_shake_align(config)
+    if config.method.gradient.kind == "grit":
+        check_grit(config)
+
+
+def check_grit(config: RunConfig) -> None:
+    """GRIT needs LoRA factors to precondition and gradients that are not loss-scaled when hooks read them."""
+    adapter = config.method.adapter
+    if adapter.kind not in ("lora", "dual_rank_lora"):
+        raise ConfigError(
+            f"method.gradient.kind=grit needs a LoRA-like adapter (method.adapter.kind=lora or dual_rank_lora), "
+            f"not {adapter.kind}"
+        )
+    if config.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "method.gradient.kind=grit cannot run with train.mixed_precision=fp16 (loss scaling would scale Σ_g); "
+            "use bf16"
+        )
 
 
 def check_shake_align(config: RunConfig) -> None:

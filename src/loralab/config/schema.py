@@ -157,7 +157,40 @@ class ShakeAlignOptions:
     debug: DebugOptions = field(default_factory=DebugOptions)
 
 
-GRADIENT_OPTIONS: dict[str, type] = {"none": NoRuleOptions, "shake_align": ShakeAlignOptions}
+@dataclass(frozen=True)
+class GritOptions:
+    """GRIT: rank-space K-FAC natural gradient, Fisher-guided reprojection, dynamic rank (published defaults)."""
+
+    kind: Literal["grit"] = "grit"
+    cov_update_freq: int = bounded(15, min=1)
+    cov_ema: float | None = bounded(None, gt=0, lt=1)
+    count_padding: bool = False
+    kfac_update_freq: int = bounded(50, min=1)
+    kfac_min_samples: int = bounded(64, min=1)
+    kfac_damping: float = bounded(1e-3, gt=0)
+    kfac_inversion_device: Literal["cpu", "device"] = "cpu"
+    pairing: Literal["grit", "kfac"] = "grit"
+    ng_warmup_steps: int = bounded(0, min=0)
+    clip_order: Literal["after", "before"] = "after"
+    reprojection_freq: int = bounded(50, min=1)
+    reprojection_k: int = bounded(8, min=1)
+    reprojection_warmup_steps: int = bounded(0, min=0)
+    use_two_sided_reprojection: bool = True
+    enable_rank_adaptation: bool = True
+    rank_adaptation_threshold: float = bounded(0.99, gt=0, max=1)
+    min_lora_rank: int = bounded(4, min=1)
+    rank_adaptation_start_step: int = bounded(0, min=0)
+    reproject_optimizer_state: bool = True
+    lambda_kfac: float = bounded(1e-5, min=0)
+    lambda_reproj: float = bounded(1e-4, min=0)
+    regularizer_warmup_steps: int = bounded(0, min=0)
+    adaptive: bool = True
+    adaptive_damping: bool = True
+    log_top_eigs: int = bounded(8, min=0)
+    export_compressed: bool = False
+
+
+GRADIENT_OPTIONS: dict[str, type] = {"none": NoRuleOptions, "shake_align": ShakeAlignOptions, "grit": GritOptions}
 
 
 # ---- core sections --------------------------------------------------------------------------------

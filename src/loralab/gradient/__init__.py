@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from loralab.gradient.base import GradientRule, NoRule
+from loralab.gradient.grit import Grit
 from loralab.gradient.shake_align import ShakeAlign
 
 
@@ -14,6 +15,8 @@ def build_rule(options: Any) -> GradientRule:
         return NoRule()
     if options.kind == "shake_align":
         return ShakeAlign(options)
+    if options.kind == "grit":
+        return Grit(options)
     raise ValueError(f"no gradient rule for kind {options.kind!r}")
 
 

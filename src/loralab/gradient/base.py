@@ -2,15 +2,18 @@
 
 The training loop calls, per optimizer step: `begin_step` with the batch size, `compute_gradients` for each
 micro-batch in order (the regularizer is added to the loss there), then `before_step` (edit `.grad` in place),
-then clipping, the optimizer step, the scheduler, and `after_step`; the run writes `diagnostics()` rows to
-`<name>.csv`. `state_dict`/`load_state_dict` make resume exact.
+then clipping (before `before_step` instead when `clip_first`), the optimizer step, the scheduler, and
+`after_step`; the run writes `diagnostics()` rows to `<name>.csv` and, at the end, `write_outputs(run_dir)`.
+`bind_optimizer` hands over the optimizer once it exists; `state_dict`/`load_state_dict` make resume exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from loralab.adapters.base import LoraView
@@ -21,9 +24,13 @@ Backward = Callable[[Tensor], None]
 
 class GradientRule(Protocol):
     name: str
+    clip_first: bool  # clip before `before_step` (a published quirk some rules reproduce); normally False
 
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
         """Bind the rule to the model and its LoRA views (hooks go in here)."""
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer whose state the rule may edit (it exists only after `attach`)."""
 
     def begin_step(self, examples: int) -> None:
         """A new optimizer step of `examples` examples starts; its micro-batches follow in order."""
@@ -43,17 +50,24 @@ class GradientRule(Protocol):
     def diagnostics(self) -> list[dict]:
         """Per-module rows gathered since the last call (for `<name>.csv`); [] when there are none."""
 
+    def write_outputs(self, directory: Path) -> None:
+        """Write the rule's end-of-training files into the run directory (its saved adapter is in adapter/)."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class NoRule:
-    """`method.gradient.kind: none` — one forward and backward per micro-batch; nothing else."""
+class RuleDefaults:
+    """The protocol's do-nothing defaults: one forward and backward per micro-batch, no edits, no state."""
 
     name = "none"
+    clip_first = False
 
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
+        return None
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         return None
 
     def begin_step(self, examples: int) -> None:
@@ -77,8 +91,15 @@ class NoRule:
     def diagnostics(self) -> list[dict]:
         return []
 
+    def write_outputs(self, directory: Path) -> None:
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+class NoRule(RuleDefaults):
+    """`method.gradient.kind: none` — plain backward, clip, step."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from loralab.adapters.base import LoraView
 from loralab.config.schema import HistoryOptions, ShakeAlignOptions, TriggerOptions
 from loralab.errors import ConfigError
-from loralab.gradient.base import Backward, LossFn
+from loralab.gradient.base import Backward, LossFn, RuleDefaults
 from loralab.gradient.probes import Pieces, VoteProbes
 from loralab.gradient.votes import (
     EPS,
@@ -173,7 +173,7 @@ def joint_direction(g_r: Tensor, g_hi: Tensor, upstream: bool) -> tuple[Tensor, 
     return g_r * scale, g_hi * (lam * scale)
 
 
-class ShakeAlign:
+class ShakeAlign(RuleDefaults):
     """The GradientRule: vote capture in `compute_gradients`, statistics and correction in `before_step`."""
 
     name = "shake_align"
@@ -250,9 +250,6 @@ class ShakeAlign:
 
     # ---- diagnosis, then correction ----------------------------------------------------------------
 
-    def regularizer(self) -> Tensor | None:
-        return None
-
     @torch.no_grad()
     def before_step(self, step: int) -> dict[str, float]:
         examples = self.windows[-1][1]
@@ -314,9 +311,6 @@ class ShakeAlign:
             for param in self.others:
                 if param.grad is not None:
                     param.grad.mul_(len(self.windows))
-
-    def after_step(self, step: int, loss: float) -> dict[str, float]:
-        return {}
 
     def diagnostics(self) -> list[dict]:
         rows, self.rows = self.rows, []

@@ -1,8 +1,9 @@
 """The training loop, readable top to bottom.
 
 One optimizer step = one batch of `train.batch_size` examples in `train.grad_accum` micro-batches:
-    rule.begin_step → rule.compute_gradients (per micro-batch; regularizer in the loss) → non-finite guard
-    → rule.before_step → clip → optimizer.step → scheduler.step → rule.after_step
+    rule.begin_step → rule.compute_gradients (per micro-batch; regularizer in the loss) → rule.before_step
+    → clip (before rule.before_step when rule.clip_first) → non-finite guard → optimizer.step → scheduler.step
+    → rule.after_step
 then logging, evaluation and checkpoints through the `LoopEvents` the caller provides.
 """
 
@@ -114,12 +115,14 @@ def train(
             loss_sum += float(loss) * weight
             tokens += int(batch["attention_mask"].sum())
 
-        # the gradient rule edits .grad, then clip, step, schedule
+        # the gradient rule edits .grad, then clip, step, schedule (clip first for rules that ask for it)
         if accelerator.scaler is not None:
             accelerator.unscale_gradients()
-        rule_metrics = rule.before_step(state.step)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        rule_metrics = {} if rule.clip_first else rule.before_step(state.step)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        if rule.clip_first:
+            rule_metrics = rule.before_step(state.step)
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             state.bad_steps += 1

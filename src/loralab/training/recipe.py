@@ -105,6 +105,7 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
     accelerator = new_accelerator(config.train.mixed_precision)
     optimizer = build_optimizer(model, config.train)
     model, optimizer = accelerator.prepare(model, optimizer)
+    rule.bind_optimizer(optimizer)
     order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
     steps = total_steps(config.train, order.steps_per_epoch)
     scheduler = build_scheduler(optimizer, config.train, steps)
@@ -156,6 +157,7 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
     final = events.final or events.run_eval(state.step)
     write_eval(directory, final)
     parts.adapter.save(accelerator.unwrap_model(model), directory / "adapter")
+    rule.write_outputs(directory)
     write_status(
         directory,
         state="completed",
