@@ -45,9 +45,10 @@ def precondition(
 
 
 def eigen_descending(sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and matching eigenvectors (columns) of a symmetric r×r matrix, in float32."""
-    values, vectors = torch.linalg.eigh(0.5 * (sigma.float() + sigma.float().T))
-    return values.flip(0), vectors.flip(1)
+    """Eigenvalues (descending) and eigenvectors (columns) of a symmetric r×r matrix; solved in float64, since
+    float32 eigenvectors of close eigenvalues are only accurate to ε‖Σ‖/gap; returned in float32."""
+    values, vectors = torch.linalg.eigh(0.5 * (sigma.double() + sigma.double().T))
+    return values.flip(0).float(), vectors.flip(1).float()
 
 
 def project_moments(state: dict, projector: Tensor, side: Literal["left", "right"]) -> None:
