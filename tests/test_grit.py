@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from loralab.adapters.compress import PROJECTORS, compress_adapter, peft_module_name
 from loralab.config import load_config
+from loralab.config.load import packaged_experiment
 from loralab.data.collate import collate
 from loralab.gradient.grit import adaptive_damping, adaptive_period
 from loralab.gradient.kfac import damped_inverses
@@ -542,3 +543,41 @@ def test_qlora_nf4_base_trains_with_grit(tmp_path):
     )
     ranks = json.loads((outcome.directory / "grit_ranks.json").read_text())
     assert ranks and all(r["k_a"] <= r["r"] for r in ranks.values())
+
+
+def test_gradient_checkpointing_records_each_token_once(tmp_path):
+    """A checkpointed block runs its forward twice; the covariances equal the plain run's."""
+    llama = ("model.name=tiny-llama", "task.name=synthetic/arithmetic", *QUIET)
+    covariances = []
+    for checkpointing in ("false", "true"):
+        parts = grit_parts(tmp_path / checkpointing, *llama, f"model.gradient_checkpointing={checkpointing}")
+        parts.model.train()
+        batch = collate(parts.features[:4], 0)
+        with parts.rule.stats.recording(batch["attention_mask"]):
+            parts.model(**batch).loss.backward()
+        covariances.append({n: (parts.rule.stats.a[n].value, parts.rule.stats.g[n].value) for n in parts.rule.views})
+        counts = {parts.rule.stats.a[n].count for n in parts.rule.views}
+        assert counts == {int(batch["attention_mask"].sum())}
+    for name, (a, g) in covariances[0].items():
+        torch.testing.assert_close(covariances[1][name][0], a, rtol=1e-5, atol=1e-8)
+        assert_close_scaled(covariances[1][name][1], g.double())
+
+
+@pytest.mark.parametrize("task", ["alpaca", "dolly", "boolq", "qnli", "gsm8k"])
+def test_published_examples_run_offline_on_tiny_llama(tmp_path, task):
+    """Each packaged GRIT experiment resolves to Llama-3.2-3B, and its offline override trains to the end."""
+    path = str(packaged_experiment(f"grit_{task}"))
+    assert load_config([path], []).model.name == "meta-llama/Llama-3.2-3B"
+    synthetic = "synthetic/entailment" if task in ("boolq", "qnli") else "synthetic/arithmetic"
+    offline = [
+        "model.name=tiny-llama",
+        f"task.name={synthetic}",
+        "train.max_steps=3",
+        "task.train_samples=48",
+        "task.eval_samples=4",
+        "eval.max_new_tokens=4",
+        f"io.root={tmp_path}",
+    ]
+    outcome = run_training(load_config([path], offline), show_progress=False)
+    assert json.loads((outcome.directory / "status.json").read_text())["state"] == "completed"
+    assert (outcome.directory / "grit_ranks.json").is_file()
