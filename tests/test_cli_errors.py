@@ -22,7 +22,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def corrupt_adapter(tmp_path: Path) -> Path:
     directory = tmp_path / "corrupt"
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     (directory / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     return directory
@@ -76,6 +76,22 @@ CASES = {
     "unknown shake_align key": (
         lambda t: ["train", "method.name=ours", "method.gradient.trigger.percentile=80"],
         r"unknown key 'method.gradient.trigger.percentile' \(did you mean 'percentile_p'\?\)",
+    ),
+    "grit without lora factors": (
+        lambda t: ["train", "method.name=grit", "method.adapter.kind=bitfit"],
+        r"grit needs a LoRA-like adapter \(method.adapter.kind=lora or dual_rank_lora\), not bitfit",
+    ),
+    "grit under fp16": (
+        lambda t: ["train", "method.name=grit", "train.mixed_precision=fp16"],
+        r"grit cannot run with train.mixed_precision=fp16",
+    ),
+    "grit bad pairing": (
+        lambda t: ["train", "method.name=grit", "method.gradient.pairing=fisher"],
+        r"method.gradient.pairing",
+    ),
+    "compress a plain adapter": (
+        lambda t: ["export", str(corrupt_adapter(t)), "--compress", "--out", str(t / "out")],
+        r"has no grit_projectors.safetensors: --compress needs an adapter trained with method.gradient.kind=grit",
     ),
     "wrong head for task": (
         lambda t: ["train", "model.kind=causal_lm", *TINY],
