@@ -25,9 +25,8 @@ from loralab.gradient.rank_stats import RankStatistics
 from loralab.lowrank import energy_rank, thin_svd
 from loralab.models import load_model
 from loralab.training.checkpoint import list_checkpoints
-from loralab.training.loop import BatchOrder, TrainState, train
-from loralab.training.recipe import new_accelerator, prepare, run_training
-from test_shake_align import Silent
+from loralab.training.recipe import prepare, run_training
+from test_shake_align import train_parts
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -369,30 +368,10 @@ def test_adaptive_schedule_on_crafted_loss_histories(tmp_path):
     assert inversion_steps([1.0, 1.1] * 50) == [37, 74]
 
 
-def run_one_step(parts, config, clip: float) -> dict[str, torch.Tensor]:
+def run_one_step(parts, config) -> dict[str, torch.Tensor]:
     """One optimizer step of the real loop with SGD(lr=1) on the whole training set; returns parameters after."""
-    accelerator = new_accelerator("no")
-    parameters = [p for p in parts.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=1.0)
-    model, optimizer = accelerator.prepare(parts.model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    parts.rule.bind_optimizer(optimizer)
-    budget = type(config.train)(**{**config.train.__dict__, "max_steps": 1, "max_grad_norm": clip})
-    order = BatchOrder(len(parts.features), len(parts.features), config.seed)
-    train(
-        model,
-        parts.features,
-        parts.rule,
-        budget,
-        accelerator,
-        optimizer,
-        scheduler,
-        TrainState(),
-        order,
-        1,
-        Silent(),
-        1,
-    )
+    optimizer = torch.optim.SGD([p for p in parts.model.parameters() if p.requires_grad], lr=1.0)
+    model = train_parts(parts, config, 1, optimizer)
     return {n: p.detach().double() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -420,13 +399,20 @@ def expected_update(parts, reference, clip: float, clip_first: bool) -> dict[str
 
 @pytest.mark.parametrize("clip_order", ["after", "before"])
 def test_the_loop_preconditions_then_clips_then_steps(tmp_path, clip_order):
-    overrides = (*QUIET, *NEVER, "task.train_samples=8", f"method.gradient.clip_order={clip_order}")
+    clip = 1e-3
+    overrides = (
+        *QUIET,
+        *NEVER,
+        "task.train_samples=8",
+        "train.scheduler=constant",
+        f"train.max_grad_norm={clip}",
+        f"method.gradient.clip_order={clip_order}",
+    )
     parts = grit_parts(tmp_path, *overrides)
     set_covariances(parts.rule, spectrum_a=[4.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05], spectrum_g=SPECTRUM)
     parts.rule.invert(1e-2, step=1)
     reference = copy.deepcopy(parts.model)
-    clip = 1e-3
-    after = run_one_step(parts, config_for(tmp_path, *overrides), clip)
+    after = run_one_step(parts, config_for(tmp_path, *overrides))
     right = expected_update(parts, reference, clip, clip_first=clip_order == "before")
     wrong = expected_update(parts, reference, clip, clip_first=clip_order != "before")
     for name, value in after.items():

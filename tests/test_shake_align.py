@@ -55,11 +55,12 @@ class Silent:
         return None
 
 
-def train_parts(parts, config, steps: int):
-    """Drive the real loop for `steps` optimizer steps on prepared parts; returns the model."""
+def train_parts(parts, config, steps: int, optimizer: torch.optim.Optimizer | None = None):
+    """Drive the real loop for `steps` optimizer steps on prepared parts (AdamW unless given); returns the model."""
     accelerator = new_accelerator("no")
-    optimizer = build_optimizer(parts.model, config.train)
+    optimizer = optimizer or build_optimizer(parts.model, config.train)
     model, optimizer = accelerator.prepare(parts.model, optimizer)
+    parts.rule.bind_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, config.train, steps)
     order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
     budget = type(config.train)(**{**config.train.__dict__, "max_steps": steps})
