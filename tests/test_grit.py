@@ -567,3 +567,16 @@ def test_published_examples_run_offline_on_tiny_llama(tmp_path, task):
     outcome = run_training(load_config([path], offline), show_progress=False)
     assert json.loads((outcome.directory / "status.json").read_text())["state"] == "completed"
     assert (outcome.directory / "grit_ranks.json").is_file()
+
+
+def test_a_pooler_counts_one_row_per_example(tmp_path, caplog):
+    """BERT's pooler sees the first token of each example: every row counts there, without a warning."""
+    parts = grit_parts(tmp_path, "model.name=tiny-bert", *QUIET)
+    batch = padded_batch(parts)
+    with parts.rule.stats.recording(batch["attention_mask"]):
+        parts.model(**batch).loss.backward()
+    counts = {name: parts.rule.stats.a[name].count for name in parts.rule.views}
+    pooler = [name for name in counts if "pooler" in name]
+    assert pooler and all(counts[name] == batch["attention_mask"].shape[0] for name in pooler)
+    assert {counts[n] for n in counts if n not in pooler} == {int(batch["attention_mask"].sum())}
+    assert "do not line up" not in caplog.text

@@ -146,8 +146,8 @@ class Grit(RuleDefaults):
         o, weights = self.options, {}
         if o.lambda_kfac or o.lambda_reproj:
             for name, state in self.modules.items():
-                a, g = self.stats.a[name], self.stats.g[name]
-                weight_a, weight_g = o.lambda_kfac * a.value, o.lambda_kfac * g.value
+                a, g, device = self.stats.a[name], self.stats.g[name], self.views[name].A.device
+                weight_a, weight_g = o.lambda_kfac * a.value.to(device), o.lambda_kfac * g.value.to(device)
                 if o.lambda_reproj and state.basis_a is not None:
                     weight_a = weight_a + o.lambda_reproj * complement(state.basis_a)
                     weight_g = weight_g + o.lambda_reproj * complement(state.basis_g)

@@ -32,6 +32,8 @@ class RunningCovariance:
         """Fold in Σ_t v vᵀ over `tokens` new tokens."""
         if tokens == 0:
             return
+        if self.value.device != outer_sum.device:  # attached before the model moved to its device
+            self.value = self.value.to(outer_sum.device)
         if self.ema is None:
             self.value.mul_(self.count / (self.count + tokens)).add_(outer_sum, alpha=1 / (self.count + tokens))
         elif self.count == 0:
@@ -63,7 +65,7 @@ class RankStatistics:
     @contextmanager
     def recording(self, attention_mask: Tensor | None) -> Iterator[None]:
         """Hooks on every LoRA layer for the forward and backward run inside this block."""
-        self.keep = None if self.count_padding or attention_mask is None else attention_mask.reshape(-1).bool()
+        self.keep = None if self.count_padding or attention_mask is None else attention_mask.bool()
         self.seen = set()
         handles = [
             view.module.register_forward_hook(self.forward_hook(name, view), with_kwargs=True)
@@ -78,16 +80,19 @@ class RankStatistics:
             self.version += 1
 
     def tokens(self, values: Tensor, keep: Tensor | None) -> Tensor:
-        """The rows of a [..., d] activation that count: all, or those under attention mask 1."""
+        """The rows of a [..., d] activation that count: all, or those under attention mask 1 ([batch, tokens]).
+
+        A layer that sees one row per example (a pooler on the first token) counts every row.
+        """
         rows = values.reshape(-1, values.shape[-1])
-        if keep is None:
+        if keep is None or rows.shape[0] == keep.shape[0]:
             return rows
         if keep.numel() != rows.shape[0]:
             if not self.warned:
                 log.warning("GRIT: LoRA activations do not line up with the attention mask; counting every token")
                 self.warned = True
             return rows
-        return rows[keep]
+        return rows[keep.reshape(-1)]
 
     def forward_hook(self, name: str, view: LoraView) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
