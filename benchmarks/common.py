@@ -49,11 +49,15 @@ class StepTimes:
         self.last = now
 
 
-def loop_side(model: nn.Module, rule: GradientRule, cfg: TrainConfig, features: list[dict], pad_id: int) -> Run:
-    """loralab's own loop (`training.loop.train`) on `model` with `rule`, advanced `steps` at a time."""
-    accelerator = Accelerator(mixed_precision="no")
+def loop_side(
+    model: nn.Module, rule: GradientRule, cfg: TrainConfig, features: list[dict], pad_id: int, cpu: bool = False
+) -> Run:
+    """loralab's own loop (`training.loop.train`) on `model` with `rule`, advanced `steps` at a time (on the
+    CPU even where there is a GPU when `cpu`)."""
+    accelerator = Accelerator(mixed_precision="no", cpu=cpu)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    rule.bind_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, cfg, 10**6)
     order = BatchOrder(len(features), cfg.batch_size, 0)
     state, events = TrainState(), StepTimes()
@@ -90,7 +94,11 @@ def print_table(times: dict[str, list[float]], reference: str) -> None:
     """Markdown table of median, min and max step time per side and the ratio of medians to `reference`."""
     base = statistics.median(times[reference])
     header = ["side", "median ms", "min ms", "max ms", f"ratio to {reference}"]
-    rows = [table_row(name, values, base) for name, values in times.items()]
+    print_markdown(header, [table_row(name, values, base) for name, values in times.items()])
+
+
+def print_markdown(header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("| " + " | ".join("-" * w for w in widths) + " |")
