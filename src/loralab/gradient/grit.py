@@ -223,7 +223,11 @@ class Grit(RuleDefaults):
                 if bases is not None:
                     state.basis_a, state.basis_g = bases.a, bases.g
                     self.bases_version += 1
-        return {"grit/inverted": float(inverted), "grit/inversion_failures": float(failed), "grit/damping_multiple": worst}
+        return {
+            "grit/inverted": float(inverted),
+            "grit/inversion_failures": float(failed),
+            "grit/damping_multiple": worst,
+        }
 
     def bases(self, name: str, step: int) -> Bases | None:
         """Top-k eigenbases of Σ_a (and Σ_g when two-sided and sampled); None while Σ_a is unusable."""
