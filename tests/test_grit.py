@@ -169,9 +169,17 @@ def test_ema_estimate_and_throttling(tmp_path):
         assert_close_scaled(rule.stats.a[name].value, expected)
 
 
+ADAPTERS = {
+    "lora": [],
+    "dora": ["method.adapter.use_dora=true"],
+    "dual_rank": ["method.adapter.kind=dual_rank_lora", "method.adapter.r=2", "method.adapter.R=8"],
+}
+
+
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
 @pytest.mark.parametrize("pairing", ["grit", "kfac"])
-def test_preconditioned_gradients_equal_the_formulas(tmp_path, pairing):
-    parts = grit_parts(tmp_path, f"method.gradient.pairing={pairing}", *QUIET)
+def test_preconditioned_gradients_equal_the_formulas(tmp_path, pairing, adapter):
+    parts = grit_parts(tmp_path, f"method.gradient.pairing={pairing}", *QUIET, *ADAPTERS[adapter])
     rule, model = parts.rule, parts.model
     set_covariances(rule)
     damping = 3e-3
@@ -504,15 +512,9 @@ def test_resume_restores_every_grit_state(tmp_path):
         assert texts[0] == texts[1] and len(texts[0]) > 100
 
 
-@pytest.mark.parametrize(
-    "adapter",
-    [
-        ["method.adapter.use_dora=true"],
-        ["method.adapter.kind=dual_rank_lora", "method.adapter.r=2", "method.adapter.R=8"],
-    ],
-)
+@pytest.mark.parametrize("adapter", ["dora", "dual_rank"])
 def test_grit_trains_dora_and_dual_rank_adapters(tmp_path, adapter):
-    outcome = grit_run(tmp_path, *adapter)
+    outcome = grit_run(tmp_path, *ADAPTERS[adapter])
     ranks = json.loads((outcome.directory / "grit_ranks.json").read_text())
     assert ranks and all(r["r"] == 8 and 2 <= r["k_a"] <= 8 for r in ranks.values())
     assert math.isfinite(outcome.metrics["accuracy"])

@@ -129,8 +129,8 @@ class Grit(RuleDefaults):
         """
         warmup = self.options.regularizer_warmup_steps
         ramp = 1.0 if warmup == 0 else min(1.0, self.steps_done / warmup)
-        weights = self.regularizer_weights()
-        if ramp == 0 or not weights:
+        weights = self.regularizer_weights() if ramp > 0 else {}
+        if not weights:
             return None
         total = torch.zeros((), device=next(iter(self.views.values())).A.device)
         for name, (weight_a, weight_g) in weights.items():
@@ -162,7 +162,7 @@ class Grit(RuleDefaults):
         """Replace each LoRA gradient by its natural gradient (once inverses exist and NG warmup is over)."""
         if step < self.options.ng_warmup_steps:
             return {}
-        norm_sq, applied = None, False
+        norm_sq = None
         with torch.no_grad():
             for name, view in self.views.items():
                 state = self.modules[name]
@@ -174,8 +174,8 @@ class Grit(RuleDefaults):
                 view.A.grad.copy_(grad_A)
                 view.B.grad.copy_(grad_B)
                 part = grad_A.square().sum() + grad_B.square().sum()
-                norm_sq, applied = part if norm_sq is None else norm_sq + part, True
-        return {"grit/ng_grad_norm": float(norm_sq.sqrt())} if applied else {}
+                norm_sq = part if norm_sq is None else norm_sq + part
+        return {} if norm_sq is None else {"grit/ng_grad_norm": float(norm_sq.sqrt())}
 
     def after_step(self, step: int, loss: float) -> dict[str, float]:
         """Adapt damping and periods from the loss history; refresh inverses; reproject when due."""
