@@ -137,7 +137,102 @@ CASES = {
         r"nowhere",
     ),
     "unknown subcommand": (lambda t: ["trian"], r"invalid choice: 'trian'"),
+    "fewshot on a classification task": (
+        lambda t: [
+            "eval",
+            "--base",
+            "tiny-bert",
+            "--adapter",
+            str(t),
+            "--task",
+            "synthetic/sentiment",
+            "--fewshot",
+            "2",
+        ],
+        r"serve GSM8K-style tasks, not synthetic/sentiment",
+    ),
+    "unknown GSM8K profile": (
+        lambda t: ["eval", "--base", "tiny-llama", "--adapter", str(t), "--task", "gsm8k", "eval.profile=lm_eval"],
+        r"eval.profile",
+    ),
+    "profile on a classification score": (
+        lambda t: [
+            "score",
+            "--task",
+            "synthetic/sentiment",
+            "--predictions",
+            str(predictions(t)),
+            "--profile",
+            "lm-eval",
+        ],
+        r"--profile applies to GSM8K-style tasks",
+    ),
+    "vllm backend in training": (
+        lambda t: ["train", "eval.backend=vllm", *TINY],
+        r"eval.backend=vllm serves loralab eval",
+    ),
+    "vllm not installed": (
+        lambda t: [
+            *edit_spectral(t),
+            "--eval",
+            "gsm8k",
+            "--eval_backend",
+            "vllm",
+            "--calib_task",
+            "synthetic/arithmetic",
+        ],
+        r"the vllm backend needs vLLM",
+    ),
+    "edit evaluated on unreachable data": (
+        lambda t: [*edit_spectral(t), "--eval", "gsm8k"],
+        r"cannot load gsm8k from the hub",
+    ),
+    "edit a missing adapter": (lambda t: edit_spectral(t, t / "none"), r"adapter directory not found"),
+    "edit a DoRA adapter": (lambda t: edit_spectral(t, dora_adapter(t)), r"DoRA adapter"),
+    "edit into the source": (lambda t: edit_spectral(t, lora_adapter(t), t / "lora"), r"must differ from the adapter"),
+    "edit with no matching module": (
+        lambda t: [*edit_spectral(t, lora_adapter(t)), "--target_modules", "gate_proj"],
+        r"no LoRA module named gate_proj",
+    ),
+    "edit calibrated on a classifier task": (
+        lambda t: [*edit_spectral(t, lora_adapter(t)), "--calib_task", "glue/sst2"],
+        r"--calib_task must be a generation",
+    ),
+    "edit with an impossible layer range": (
+        lambda t: [*edit_spectral(t), "--layer_min", "3", "--layer_max", "1"],
+        r"layer_min \(3\) must not exceed layer_max",
+    ),
+    "edit with a bad fraction": (lambda t: [*edit_spectral(t), "--core_frac", "2"], r"core_frac must lie in"),
 }
+
+
+def predictions(tmp_path: Path) -> Path:
+    path = tmp_path / "classified.jsonl"
+    path.write_text('{"prediction": "positive", "reference": "positive", "output": "positive"}\n')
+    return path
+
+
+def lora_adapter(tmp_path: Path, **options) -> Path:
+    """A tiny-llama LoRA on o_proj saved as a PEFT adapter (loralab's model loader, PEFT's save)."""
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.config.schema import ModelConfig
+    from loralab.models import load_model
+
+    model, _ = load_model(ModelConfig("tiny-llama", "causal_lm", "float32", "none", False, False, None), "causal_lm")
+    directory = tmp_path / ("dora" if options else "lora")
+    get_peft_model(model, LoraConfig(r=4, target_modules=["o_proj"], **options)).save_pretrained(str(directory))
+    return directory
+
+
+def dora_adapter(tmp_path: Path) -> Path:
+    return lora_adapter(tmp_path, use_dora=True)
+
+
+def edit_spectral(tmp_path: Path, source: Path | None = None, out: Path | None = None) -> list[str]:
+    source = source or lora_adapter(tmp_path)
+    out = out or tmp_path / "edited"
+    return ["edit", "spectral", "--base_model", "tiny-llama", "--lora_path", str(source), "--out_dir", str(out)]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

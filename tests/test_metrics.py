@@ -9,7 +9,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
 from loralab.errors import LoraLabError
-from loralab.evaluation.metrics import compute_metrics, extract_answer, normalize_number
+from loralab.evaluation.metrics import compute_metrics, extract_answer
 from loralab.evaluation.standalone import score_predictions
 
 PREDICTED = [1, 0, 1, 1, 0, 1, 0, 0]
@@ -99,36 +99,15 @@ def test_bad_metric_calls_are_user_errors():
         compute_metrics(["accuracy"], [], [])
 
 
-@pytest.mark.parametrize(
-    ("output", "expected"),
-    [
-        ("She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7", "7"),
-        ("#### 1,234.\n#### 99", "1234"),
-        ("#### -$5", "-5"),
-        ("#### $1,000", "1000"),
-        ("#### -12.5", "-12.5"),
-        ("She pays $1,250 in total, so 3 items cost $30.", "30"),
-        ("The answer is 18.", "18"),
-        ("Down to -4 degrees", "-4"),
-        ("no number here", ""),
-    ],
-)
-def test_extract_gsm8k_answer(output, expected):
-    assert extract_answer("gsm8k", output) == expected
-
-
 def test_extract_text_label_and_squad_answers():
     assert extract_answer("text", "  The summary.  \nMore text\n") == "The summary.  \nMore text"
     assert extract_answer("label", " Positive! it was great") == "positive"
     assert extract_answer("label", "\n") == ""
     assert extract_answer("squad", " Unanswerable.\n") == "" and extract_answer("squad", " Paris\nQ") == "Paris"
+    with pytest.raises(LoraLabError, match="unknown answer kind 'gsm8k'"):
+        extract_answer("gsm8k", "#### 1")
     with pytest.raises(LoraLabError, match="unknown answer kind 'number'"):
         extract_answer("number", "1")
-
-
-def test_normalize_number():
-    assert normalize_number(" $1,234. ") == "1234"
-    assert normalize_number("-7") == "-7"
 
 
 def test_score_predictions_maps_a_tasks_label_words(tmp_path):

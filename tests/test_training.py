@@ -145,4 +145,6 @@ def test_causal_lm_sft_generates_and_scores(tmp_path):
     predictions = [json.loads(line) for line in (outcome.directory / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4
     assert all("output" in p and "prediction" in p for p in predictions)
-    assert outcome.metrics["exact_match"] == pytest.approx(sum(p["correct"] for p in predictions) / 4)
+    for metric in ("strict_match", "flexible_extract"):
+        assert outcome.metrics[metric] == pytest.approx(sum(p["matches"][metric] for p in predictions) / 4)
+    assert all(p["correct"] == p["matches"]["strict_match"] for p in predictions)

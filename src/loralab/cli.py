@@ -12,6 +12,7 @@ from pathlib import Path
 from loralab.errors import LoraLabError
 
 EXIT_USAGE = 2
+GSM8K_PROFILES = ("lm-eval", "paper_math")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--base", help="base model (preset, local path or hub id)")
     evaluate.add_argument("--adapter", type=Path, help="adapter directory")
     evaluate.add_argument("--task", help="task name")
-    evaluate.add_argument("--max_samples", "--max-samples", type=int, help="evaluate the first N examples")
     evaluate.add_argument("--out", type=Path, help="directory for eval.json and predictions.jsonl")
+    add_generation_arguments(evaluate)
     add_config_arguments(evaluate, files=True)
     evaluate.set_defaults(handler=cmd_eval)
+
+    edit = commands.add_parser("edit", help="edit a trained adapter post hoc")
+    edit_commands = edit.add_subparsers(dest="action", required=True, parser_class=Parser)
+    spectral = edit_commands.add_parser("spectral", help="LoRA Spectral Edit: rescale singular values by sensitivity")
+    add_spectral_arguments(spectral)
+    spectral.set_defaults(handler=cmd_edit_spectral)
 
     export = commands.add_parser(
         "export", help="write a dual-rank view, or a GRIT adapter at its reprojection ranks, as a plain PEFT adapter"
@@ -80,8 +87,60 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--task", required=True)
     score.add_argument("--predictions", required=True, type=Path)
     score.add_argument("--out", type=Path, help="write the metrics as JSON here too")
+    score.add_argument("--profile", choices=GSM8K_PROFILES, help="GSM8K-style tasks: the scoring profile (lm-eval)")
     score.set_defaults(handler=cmd_score)
     return parser
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """GSM8K-style evaluation flags; each sets an eval.* key (a flag left out keeps the config's value)."""
+    parser.add_argument(f"--{prefix}fewshot", type=int, help="shots from the train split (default: the profile's, 5)")
+    parser.add_argument(f"--{prefix}profile", choices=GSM8K_PROFILES, help="prompting and scoring (default lm-eval)")
+    parser.add_argument(f"--{prefix}backend", choices=("hf", "vllm"), help="generation backend (default hf)")
+    parser.add_argument(f"--{prefix}max_samples", type=int, help="evaluate the first N examples")
+    parser.add_argument(f"--{prefix}max_new_tokens", type=int, help="token budget (default: the profile's)")
+    parser.add_argument(f"--{prefix}batch_size", type=int, help="generation batch size (default 32)")
+
+
+def generation_overrides(args: argparse.Namespace, prefix: str = "") -> list[str]:
+    """eval.* overrides for the generation flags that were given."""
+    keys = ("fewshot", "profile", "backend", "batch_size")
+    values = {key: getattr(args, prefix + key) for key in keys}
+    return [f"eval.{key}={value}" for key, value in values.items() if value is not None]
+
+
+def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the published LoRA Spectral Edit tool, plus calibration data, device and evaluation choices."""
+    parser.add_argument("--base_model", required=True, help="base model (preset, local path or hub id)")
+    parser.add_argument("--lora_path", required=True, help="LoRA adapter directory or hub id")
+    parser.add_argument("--out_dir", required=True, type=Path, help="directory for the edited adapter")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out_dir")
+    parser.add_argument("--mode", default="abs_select", choices=("abs_select", "random_index", "gd"))
+    parser.add_argument("--target_modules", nargs="+", default=["down_proj", "o_proj"], metavar="NAME")
+    parser.add_argument("--layer_min", type=int, help="first layer to edit (inclusive)")
+    parser.add_argument("--layer_max", type=int, help="last layer to edit (inclusive)")
+    for flag, default in (("core_frac", 0.2), ("noise_frac", 0.2), ("amp_factor", 1.25), ("sup_factor", 0.8)):
+        parser.add_argument(f"--{flag}", type=float, default=default, help=f"(default {default})")
+    parser.add_argument("--mid_factor", type=float, default=1.0, help="(default 1.0)")
+    parser.add_argument("--eta", type=float, default=0.2, help="gd step size (default 0.2)")
+    parser.add_argument("--update_mode", default="multiplicative", choices=("multiplicative", "additive"))
+    parser.add_argument("--asymmetric_update", action="store_true", help="gd: 2.0·relu(g)^p − 0.2·relu(−g)")
+    parser.add_argument("--pos_power", type=float, default=1.0, help="gd asymmetric exponent p (default 1)")
+    parser.add_argument("--grad_norm", default="mean_abs", choices=("mean_abs", "l2", "none"))
+    parser.add_argument("--preserve_energy", default="l1", choices=("l1", "l2", "none"))
+    parser.add_argument("--sigma_clip_min", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="random_index permutation seed (default 0)")
+    parser.add_argument("--calib_task", default="gsm8k", help="calibration task, train split (default gsm8k)")
+    parser.add_argument("--calib_path", help="calibration data in the hub's schema (a file or directory)")
+    parser.add_argument("--calib_samples", type=int, default=32)
+    parser.add_argument("--calib_batch_size", type=int, default=2)
+    parser.add_argument("--max_length", type=int, default=512, help="calibration token limit (default 512)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--eval", choices=("gsm8k",), help="evaluate the source and the edited adapter")
+    parser.add_argument("--eval_task", default="gsm8k", help="GSM8K-style task to evaluate on (default gsm8k)")
+    parser.add_argument("--eval_path", help="evaluation data in the hub's schema (a file or directory)")
+    add_generation_arguments(parser, prefix="eval_")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, files: bool = True) -> None:
@@ -131,18 +190,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not run_config.is_file():
             raise LoraLabError(f"not a run directory (no config.yaml): {args.run}")
         config = resolve(
-            argparse.Namespace(config=[str(run_config), *args.config], set=args.set, overrides=args.overrides)
+            argparse.Namespace(config=[str(run_config), *args.config], set=args.set, overrides=args.overrides),
+            generation_overrides(args),
         )
         adapter = args.run / "adapter"
         out = args.out or args.run / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
         if not (args.base and args.adapter and args.task):
             raise LoraLabError("eval needs --run DIR, or all of --base MODEL --adapter DIR --task TASK")
-        config = resolve(args, [f"model.name={args.base}", f"task.name={args.task}"])
+        config = resolve(args, [f"model.name={args.base}", f"task.name={args.task}", *generation_overrides(args)])
         adapter = args.adapter
         out = args.out or Path("evals") / f"{Path(args.task).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    metrics = evaluate_adapter(config, adapter, out, args.max_samples)
+    metrics = evaluate_adapter(config, adapter, out, args.max_samples, args.max_new_tokens)
     print_results(metrics, out, "eval")
+    return 0
+
+
+def cmd_edit_spectral(args: argparse.Namespace) -> int:
+    from loralab.config import load_config
+    from loralab.data import load_task
+    from loralab.edit import EditRule, SpectralEdit, spectral_edit
+    from loralab.edit.evaluate import evaluate_before_after
+    from loralab.evaluation.generate import require_vllm
+
+    rule_keys = [f for f in EditRule.__dataclass_fields__ if f != "seed"]
+    edit = SpectralEdit(
+        args.base_model,
+        args.lora_path,
+        args.out_dir,
+        EditRule(**{key: getattr(args, key) for key in rule_keys}, seed=args.seed),
+        tuple(args.target_modules),
+        args.layer_min,
+        args.layer_max,
+        args.calib_task,
+        args.calib_path,
+        args.calib_samples,
+        args.calib_batch_size,
+        args.max_length,
+        args.dtype,
+        args.device,
+        args.overwrite,
+    )
+    config = None
+    if args.eval:  # checked before the edit runs, so a bad evaluation setting costs no calibration
+        task = [f"task.name={args.eval_task}"] + ([f"task.path={args.eval_path}"] if args.eval_path else [])
+        model = [f"model.name={args.base_model}", f"model.dtype={edit.model_config().dtype}"]
+        config = load_config([], [*model, *task, *generation_overrides(args, "eval_")])
+        if config.eval.backend == "vllm":
+            require_vllm()
+        load_task(config.task)
+    outcome = spectral_edit(edit)
+    print(f"edited {len(outcome.sigma_stats)} modules of {args.lora_path} ({args.mode}): {outcome.out_dir}")
+    if config is not None:
+        results = evaluate_before_after(config, outcome, args.eval_max_samples, args.eval_max_new_tokens)
+        print_results({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()}, outcome.out_dir, "edit")
     return 0
 
 
@@ -176,7 +277,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from loralab.evaluation.standalone import score_predictions
 
-    metrics = score_predictions(args.task, args.predictions)
+    metrics = score_predictions(args.task, args.predictions, args.profile)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:

@@ -1,4 +1,4 @@
-"""Low-rank algebra on LoRA factors: the thin SVD of B A without forming ΔW, energy ranks, truncation.
+"""Low-rank algebra on LoRA factors: the thin SVD of B A without forming ΔW, rebuilding, energy ranks, truncation.
 
 For B (d_out×r) and A (r×d_in): B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ and the
 SVD of the r×r core gives the SVD of B A. Cost O((d_out + d_in) r²); no d_out×d_in matrix is ever built.
@@ -19,11 +19,16 @@ def thin_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Q_b @ U, S, Vh @ Q_a.T
 
 
+def rebuild_factors(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """LoRA factors B = U diag(√S), A = diag(√S) Vh with B A = U diag(S) Vh; S must be non-negative."""
+    root = S.sqrt()
+    return U * root, root[:, None] * Vh
+
+
 def truncated_factors(B: Tensor, A: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Rank-k factors (B_k d_out×k, A_k k×d_in) of the best rank-k approximation of B A, split as √S on each side."""
     U, S, Vh = thin_svd(B, A)
-    root = S[:k].sqrt()
-    return U[:, :k] * root, root[:, None] * Vh[:k]
+    return rebuild_factors(U[:, :k], S[:k], Vh[:k])
 
 
 def energy_rank(eigenvalues: Tensor, threshold: float, low: int, high: int) -> int:

@@ -28,15 +28,15 @@ def build_adapter(options: Any, head: str) -> Adapter:
     raise ValueError(f"no adapter for kind {options.kind!r}")
 
 
-def load_adapter(model: Any, directory: str | Path) -> Any:
-    """Load any adapter loralab writes (or any PEFT adapter) onto a base model, by what the directory holds."""
+def load_adapter(model: Any, directory: str | Path, adapter_name: str = "default") -> Any:
+    """Load any adapter loralab writes (or any PEFT adapter, as `adapter_name`) onto a base model."""
     directory = require_directory(Path(directory))
     kind = read_json(directory / SIDE_FILE).get("adapter") if (directory / SIDE_FILE).is_file() else None
     subset = {"full": FullAdapter(), "bitfit": BitfitAdapter()}
     if kind in subset:
         return subset[kind].load(model, directory)
     if (directory / ADAPTER_CONFIG).is_file():
-        return load_peft_adapter(model, directory)
+        return load_peft_adapter(model, directory, adapter_name=adapter_name)
     raise AdapterError(f"{directory} is not an adapter directory (no {ADAPTER_CONFIG} or {SIDE_FILE})")
 
 

@@ -62,7 +62,9 @@ def peft_deprecations_silenced() -> Iterator[None]:
         yield
 
 
-def load_peft_adapter(model: nn.Module, directory: Path, is_trainable: bool = False) -> nn.Module:
+def load_peft_adapter(
+    model: nn.Module, directory: Path, is_trainable: bool = False, adapter_name: str = "default"
+) -> nn.Module:
     """Load a PEFT adapter directory onto a base model, failing in one line on missing/corrupt files."""
     directory = require_directory(directory)
     read_json(directory / ADAPTER_CONFIG)
@@ -72,7 +74,9 @@ def load_peft_adapter(model: nn.Module, directory: Path, is_trainable: bool = Fa
             # PEFT only warns when the layers it built find no weights in the file (e.g. a BERT adapter on a
             # RoBERTa base: same target names, other prefixes) and leaves them at init; that must not pass.
             warnings.filterwarnings("error", message=".*Found missing adapter keys", category=UserWarning)
-            return PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
+            return PeftModel.from_pretrained(
+                model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable
+            )
     except UserWarning:
         raise AdapterError(
             f"cannot load adapter {directory} onto this base model: some of its layers have no weights in the "

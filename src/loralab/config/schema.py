@@ -248,8 +248,10 @@ class EvalConfig:
     views: list[Literal["full", "core"]]
     max_samples: int | None = required(min=1)
     batch_size: int = required(min=1)
-    backend: Literal["hf"] = required()
+    backend: Literal["hf", "vllm"] = required()
     max_new_tokens: int = required(min=1)
+    profile: Literal["lm-eval", "paper_math"] = required()
+    fewshot: int | None = required(min=0)
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loralab.data.templates import alpaca_prompt, gsm8k_prompt, squad_prompt, xsum_prompt
 from loralab.errors import DataError, unknown
-from loralab.evaluation.metrics import UNANSWERABLE, extract_answer
+from loralab.evaluation.gsm8k import gold_answer
+from loralab.evaluation.metrics import UNANSWERABLE
 
 Row = dict[str, Any]
 
@@ -23,6 +24,7 @@ class Example:
     label: int | float | None = None
     target: str | None = None
     reference: str | list[str] | None = None
+    source: Row | None = field(default=None, compare=False, repr=False)  # the row, where prompts are rebuilt from it
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class TaskSpec:
     kind: Literal["classification", "regression", "generation"]
     label_names: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
-    answer: Literal["label", "gsm8k", "text", "squad"] = "label"
+    answer: Literal["label", "gsm8k", "text", "squad"] = "label"  # gsm8k: scored by a GSM8K profile
     columns: tuple[str, ...] = ()  # required in every row (hub schema)
     convert: Callable[[Row, int, TaskSpec], Example] | None = None
     hub: str | None = None  # dataset id on the hub; None for a synthetic task
@@ -85,12 +87,13 @@ def classification(first: str, second: str | None = None) -> Callable[[Row, int,
 
 
 def gsm8k_example(row: Row, index: int, spec: TaskSpec) -> Example:
-    """lm-eval's gsm8k format; the reference is the answer's '#### N' number, cleaned like predictions."""
+    """lm-eval's gsm8k format; the reference is the answer as lm-eval compares it (the cleaned '#### N' number)."""
     return Example(
         row_id(row, index),
         gsm8k_prompt(row["question"]),
         target=" " + row["answer"],
-        reference=extract_answer("gsm8k", row["answer"]),
+        reference=gold_answer(row["answer"]),
+        source={"question": row["question"], "answer": row["answer"]},
     )
 
 
@@ -129,7 +132,7 @@ def xsum_example(row: Row, index: int, spec: TaskSpec) -> Example:
 
 BINARY = ("negative", "positive")
 ENTAILMENT = ("entailment", "not_entailment")
-EXACT = ("exact_match",)
+GSM8K = ("strict_match", "flexible_extract")  # the lm-eval profile's; evaluation.gsm8k scores them
 RESPONSE = ("rouge1", "rougeL", "bleu")
 SQUAD = ("squad_em", "squad_f1")
 SQUAD_COLUMNS = ("context", "question", "answers")
@@ -189,7 +192,7 @@ TASKS: dict[str, TaskSpec] = {
             "gsm8k",
             gsm8k_example,
             ("question", "answer"),
-            EXACT,
+            GSM8K,
             "gsm8k",
             hub="openai/gsm8k",
             subset="main",
@@ -203,7 +206,7 @@ TASKS: dict[str, TaskSpec] = {
         sentence_task("synthetic/sentiment", BINARY, "sentence", default_sizes=(2000, 500)),
         sentence_task("synthetic/entailment", ENTAILMENT, "sentence1", "sentence2", default_sizes=(2000, 500)),
         generation_task(
-            "synthetic/arithmetic", gsm8k_example, ("question", "answer"), EXACT, "gsm8k", default_sizes=(2000, 200)
+            "synthetic/arithmetic", gsm8k_example, ("question", "answer"), GSM8K, "gsm8k", default_sizes=(2000, 200)
         ),
     )
 }

@@ -10,10 +10,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from loralab.adapters.dual_rank import adapter_view
-from loralab.data.collate import collate, encode_classification, left_pad_prompts
+from loralab.data.collate import collate, encode_classification
+from loralab.data.tasks import Example
+from loralab.errors import LoraLabError
+from loralab.evaluation.generate import Generator, HfGenerator
+from loralab.evaluation.gsm8k import Gsm8kProfile, get_profile, score_outputs
 from loralab.evaluation.metrics import compute_metrics, extract_answer
 
-STOP_STRINGS = ("\n\nQuestion:", "Question:", "</s>", "<|im_end|>", "<|endoftext|>")
+STOP_STRINGS = ("\n\nQuestion:", "Question:", "</s>", "<|im_end|>", "<|endoftext|>")  # generation tasks but GSM8K
 
 
 @dataclass
@@ -31,11 +35,18 @@ def evaluate(
     batch_size: int,
     max_length: int,
     max_new_tokens: int = 128,
+    profile: str = "lm-eval",
 ) -> EvalResult:
-    """Score `examples` with the model as it is (adapter on), from argmax logits or greedy generation."""
+    """Score `examples` with the model as it is (adapter on), from argmax logits or greedy generation.
+
+    GSM8K-style tasks are prompted zero-shot and scored by the GSM8K `profile`.
+    """
     was_training = model.training
     model.eval()
     try:
+        if spec.answer == "gsm8k":
+            generator = HfGenerator(model, tokenizer, batch_size)
+            return evaluate_gsm8k(generator, examples, [], get_profile(profile), 0, max_new_tokens)
         if spec.kind == "generation":
             records = generate_records(model, tokenizer, spec, examples, batch_size, max_new_tokens)
         else:
@@ -95,37 +106,57 @@ def classification_record(spec, example, value) -> dict:
 
 
 def generate_records(model, tokenizer, spec, examples, batch_size: int, max_new_tokens: int) -> list[dict]:
-    device = next(model.parameters()).device
+    outputs = HfGenerator(model, tokenizer, batch_size).generate(
+        [e.text for e in examples], max_new_tokens, STOP_STRINGS
+    )
     records = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        prompts = [tokenizer(e.text, add_special_tokens=True)["input_ids"] for e in chunk]
-        batch = {k: v.to(device) for k, v in left_pad_prompts(prompts, tokenizer.pad_token_id).items()}
-        generated = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        for example, tokens in zip(chunk, new_tokens, strict=True):
-            output = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True))
-            prediction = extract_answer(spec.answer, output)
-            record = {
+    for example, output in zip(examples, outputs, strict=True):
+        prediction = extract_answer(spec.answer, output)
+        references = example.reference if isinstance(example.reference, list) else [example.reference]
+        records.append(
+            {
                 "id": example.id,
                 "input": example.text,
                 "output": output,
                 "prediction": prediction,
                 "reference": example.reference,
+                "correct": prediction in references,
             }
-            references = example.reference if isinstance(example.reference, list) else [example.reference]
-            record["correct"] = prediction in references
-            records.append(record)
+        )
     return records
 
 
-def cut_at_stop(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
-    """Truncate generated text at the first stop string."""
-    cut = min((text.find(s) for s in stops if s in text), default=len(text))
-    return text[:cut]
+def evaluate_gsm8k(
+    generator: Generator,
+    examples: Sequence[Example],
+    shot_pool: Sequence[Example],
+    profile: Gsm8kProfile,
+    fewshot: int,
+    max_new_tokens: int | None = None,
+    adapter: str | None = None,
+) -> EvalResult:
+    """Greedy answers to GSM8K-style questions, prompted and scored by `profile` with `fewshot` shots from the pool."""
+    pool = [(e.source["question"], e.source["answer"]) for e in shot_pool]
+    if fewshot > len(pool):
+        raise LoraLabError(f"{fewshot} shots asked for, but the train split holds {len(pool)} examples")
+    shots = profile.select_shots(pool, fewshot, len(examples))
+    prompts = [profile.prompt(e.source["question"], s) for e, s in zip(examples, shots, strict=True)]
+    outputs = generator.generate(prompts, max_new_tokens or profile.max_new_tokens, profile.stop, adapter)
+    metrics, scores = score_outputs(profile, outputs, [e.reference for e in examples])
+    records = [gsm8k_record(e, p, o, s, profile) for e, p, o, s in zip(examples, prompts, outputs, scores, strict=True)]
+    return EvalResult(metrics, records)
+
+
+def gsm8k_record(example: Example, prompt: str, output: str, score: dict, profile: Gsm8kProfile) -> dict:
+    """A predictions.jsonl row: `prediction`/`correct` by the profile's first metric, then every metric's."""
+    first = profile.metrics[0]
+    return {
+        "id": example.id,
+        "input": prompt,
+        "output": output,
+        "prediction": score["answers"][first],
+        "reference": example.reference,
+        "correct": score["correct"][first],
+        "answers": score["answers"],
+        "matches": score["correct"],
+    }

@@ -13,37 +13,23 @@ import numpy as np
 
 from loralab.errors import LoraLabError, unknown
 
-GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
-NUMBER = re.compile(r"-?\$?[0-9][0-9,]*(?:\.[0-9]+)?")
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 UNANSWERABLE = "unanswerable"
-ANSWER_KINDS = ("label", "gsm8k", "text", "squad")
+ANSWER_KINDS = ("label", "text", "squad")  # GSM8K answers are extracted by evaluation.gsm8k's profiles
 
 
 # ---- answer extraction --------------------------------------------------------------------------
 
 
-def normalize_number(text: str) -> str:
-    """'$1,234.' → '1234': strip white space, currency signs, thousands separators and a trailing period."""
-    return text.strip().replace(",", "").replace("$", "").rstrip(".")
-
-
 def extract_answer(kind: str, output: str) -> str:
     """The prediction a generated output stands for.
 
-    gsm8k: the number after the first '#### ', else the last number in the text; text: the whole output,
-    stripped (multi-line responses and summaries are scored whole); label: the first word, lower-cased,
-    without punctuation; squad: the first line, '' when it says unanswerable.
+    text: the whole output, stripped (multi-line responses and summaries are scored whole);
+    label: the first word, lower-cased, without punctuation; squad: the first line, '' when it says unanswerable.
     """
     if kind not in ANSWER_KINDS:
         raise LoraLabError(unknown("answer kind", kind, ANSWER_KINDS))
-    if kind == "gsm8k":
-        strict = GSM8K_STRICT.search(output)
-        if strict:
-            return normalize_number(strict.group(1))
-        numbers = NUMBER.findall(output)
-        return normalize_number(numbers[-1]) if numbers else ""
     if kind == "text":
         return output.strip()
     first_line = output.strip().split("\n", 1)[0].strip()

@@ -3,46 +3,120 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 from loralab.adapters import load_adapter
 from loralab.adapters.dual_rank import adapter_split
 from loralab.config.schema import RunConfig
 from loralab.data import get_task, load_task
-from loralab.errors import DataError
-from loralab.evaluation.evaluate import evaluate, evaluate_views
+from loralab.errors import ConfigError, DataError
+from loralab.evaluation.evaluate import EvalResult, evaluate, evaluate_gsm8k, evaluate_views
+from loralab.evaluation.generate import Generator, HfGenerator, VllmGenerator
+from loralab.evaluation.gsm8k import get_profile, score_outputs
 from loralab.evaluation.metrics import compute_metrics, extract_answer
 from loralab.models import load_model
+from loralab.models.load import source
 from loralab.training.recipe import resolve_head, write_eval
 from loralab.training.seeding import seed_everything
 
 
-def evaluate_adapter(config: RunConfig, adapter_dir: Path, out: Path, max_samples: int | None = None) -> dict:
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_adapter(
+    config: RunConfig, adapter_dir: Path, out: Path, max_samples: int | None = None, max_new_tokens: int | None = None
+) -> dict:
     """Load the base model, put the adapter on it, evaluate on the task's eval split, write `out/`."""
     spec = get_task(config.task.name)
-    head = resolve_head(config.model.kind, spec.kind)
-    seed_everything(config.seed)
-    task = load_task(config.task)
-    model, tokenizer = load_model(config.model, head, spec.num_labels)
-    model = load_adapter(model, adapter_dir)
-    examples = task.eval[: max_samples or config.eval.max_samples]
-    result = evaluate_views(
-        model,
-        config.eval.views,
-        adapter_split(adapter_dir),
-        lambda: evaluate(
-            model, tokenizer, spec, examples, config.eval.batch_size, config.task.max_length, config.eval.max_new_tokens
-        ),
-    )
+    if spec.answer == "gsm8k":
+        result = compare_adapters(config, {"adapter": Path(adapter_dir)}, max_samples, max_new_tokens)["adapter"]
+    else:
+        if config.eval.backend != "hf" or config.eval.fewshot is not None:
+            raise ConfigError(f"eval.backend=vllm and eval.fewshot serve GSM8K-style tasks, not {spec.name}")
+        seed_everything(config.seed)
+        result = evaluate_classic(
+            config, adapter_dir, load_task(config.task).eval[: max_samples or config.eval.max_samples]
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_eval(out, result)
     return result.metrics
 
 
-def score_predictions(task_name: str, path: Path) -> dict[str, float]:
-    """Metrics of a predictions.jsonl from its `prediction` (or raw `output`) and `reference` fields."""
+def compare_adapters(
+    config: RunConfig, adapters: Mapping[str, Path], max_samples: int | None = None, max_new_tokens: int | None = None
+) -> dict[str, EvalResult]:
+    """Each adapter on the same GSM8K-style prompts, under config.eval's profile and shots, with one generator.
+
+    Shots come from the task's train split; eval.fewshot null means the profile's (5).
+    """
+    seed_everything(config.seed)
+    task = load_task(config.task)
+    examples = task.eval[: max_samples or config.eval.max_samples]
+    profile = get_profile(config.eval.profile)
+    fewshot = profile.fewshot if config.eval.fewshot is None else config.eval.fewshot
+    generator = build_generator(config, adapters)
+    return {
+        name: evaluate_gsm8k(generator, examples, task.train, profile, fewshot, max_new_tokens, name)
+        for name in adapters
+    }
+
+
+def build_generator(config: RunConfig, adapters: Mapping[str, Path]) -> Generator:
+    """config.eval.backend's generator over the base model, serving each named adapter (PEFT adapters)."""
+    if config.eval.backend == "vllm":
+        return VllmGenerator(source(config.model.name), adapters, config.model.dtype, config.seed)
+    model, tokenizer = load_model(config.model, "causal_lm")
+    model = model.to(default_device())
+    (first, directory), *others = adapters.items()
+    model = load_adapter(model, directory, adapter_name=first)
+    for name, other in others:
+        model.load_adapter(str(other), adapter_name=name)
+    return HfGenerator(model, tokenizer, config.eval.batch_size)
+
+
+def evaluate_classic(config: RunConfig, adapter_dir: Path, examples: list) -> EvalResult:
+    """Classification, regression and non-GSM8K generation tasks, with the adapter's views."""
+    spec = get_task(config.task.name)
+    head = resolve_head(config.model.kind, spec.kind)
+    model, tokenizer = load_model(config.model, head, spec.num_labels)
+    model = load_adapter(model.to(default_device()), adapter_dir)
+    return evaluate_views(
+        model,
+        config.eval.views,
+        adapter_split(adapter_dir),
+        lambda: evaluate(
+            model,
+            tokenizer,
+            spec,
+            examples,
+            config.eval.batch_size,
+            config.task.max_length,
+            config.eval.max_new_tokens,
+            config.eval.profile,
+        ),
+    )
+
+
+def score_predictions(task_name: str, path: Path, profile: str | None = None) -> dict[str, float]:
+    """Metrics of a predictions.jsonl from its `prediction` (or raw `output`) and `reference` fields.
+
+    GSM8K-style tasks are re-scored from the raw `output` by a GSM8K profile (default lm-eval).
+    """
     spec = get_task(task_name)
     records = read_predictions(path)
+    if spec.answer == "gsm8k":
+        if any("output" not in r for r in records):
+            raise DataError(f"{path}: GSM8K re-scoring needs each record's raw 'output'")
+        metrics, _ = score_outputs(
+            get_profile(profile or "lm-eval"), [r["output"] for r in records], [r["reference"] for r in records]
+        )
+        return metrics
+    if profile is not None:
+        raise ConfigError(f"--profile applies to GSM8K-style tasks, not {spec.name}")
     predictions = [r["prediction"] if "prediction" in r else extract_answer(spec.answer, r["output"]) for r in records]
     return compute_metrics(spec.metrics, predictions, [r["reference"] for r in records], spec.label_names)
 

@@ -85,6 +85,8 @@ def run_training(config: RunConfig, show_progress: bool | None = None) -> RunOut
 
 def prepare(config: RunConfig) -> RunParts:
     """Seed, load the task and model, apply the adapter, attach the gradient rule, encode the training set."""
+    if config.eval.backend != "hf":
+        raise ConfigError("eval.backend=vllm serves loralab eval and edit --eval; training evaluates with hf")
     spec = get_task(config.task.name)
     head = resolve_head(config.model.kind, spec.kind)
     adapter = build_adapter(config.method.adapter, head)
@@ -247,6 +249,7 @@ class RunEvents:
                 self.config.eval.batch_size,
                 self.config.task.max_length,
                 self.config.eval.max_new_tokens,
+                self.config.eval.profile,
             ),
         )
         self.log(step, "eval", result.metrics)
