@@ -285,6 +285,7 @@ def test_edit_eval_writes_baseline_and_edited_metrics_matching_loralab_eval(tmp_
     document = json.loads((out / "metrics_gsm8k.json").read_text())
     assert set(document["results"]) == {"baseline", "edited"}
     assert document["meta"]["eval.profile"] == "lm-eval" and document["meta"]["n"] == 3
+    assert document["meta"]["max_new_tokens"] == 12 and document["meta"]["eval.fewshot"] == 1
     baseline = [json.loads(line) for line in (out / "predictions_gsm8k_baseline.jsonl").read_text().splitlines()]
     assert [r["input"].count("Question:") for r in baseline] == [2, 2, 2]  # one shot, then the question
 

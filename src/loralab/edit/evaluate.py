@@ -7,6 +7,7 @@ import json
 from loralab.config.load import config_to_dict
 from loralab.config.schema import RunConfig
 from loralab.edit.spectral import EditOutcome
+from loralab.evaluation.gsm8k import get_profile
 from loralab.evaluation.standalone import compare_adapters
 
 METRICS_FILE = "metrics_gsm8k.json"
@@ -24,7 +25,7 @@ def evaluate_before_after(
     meta = {
         "task": config.task.name,
         "n": len(results["edited"].predictions),
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": max_new_tokens or get_profile(config.eval.profile).max_new_tokens,
         **{f"eval.{key}": value for key, value in config_to_dict(config)["eval"].items()},
     }
     document = {"results": {name: result.metrics for name, result in results.items()}, "meta": meta}
