@@ -111,25 +111,22 @@ def generation_overrides(args: argparse.Namespace, prefix: str = "") -> list[str
 
 def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the published LoRA Spectral Edit tool, plus calibration data, device and evaluation choices."""
+    from loralab.edit.rules import CHOICES, EditRule
+
     parser.add_argument("--base_model", required=True, help="base model (preset, local path or hub id)")
     parser.add_argument("--lora_path", required=True, help="LoRA adapter directory or hub id")
     parser.add_argument("--out_dir", required=True, type=Path, help="directory for the edited adapter")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out_dir")
-    parser.add_argument("--mode", default="abs_select", choices=("abs_select", "random_index", "gd"))
     parser.add_argument("--target_modules", nargs="+", default=["down_proj", "o_proj"], metavar="NAME")
     parser.add_argument("--layer_min", type=int, help="first layer to edit (inclusive)")
     parser.add_argument("--layer_max", type=int, help="last layer to edit (inclusive)")
-    for flag, default in (("core_frac", 0.2), ("noise_frac", 0.2), ("amp_factor", 1.25), ("sup_factor", 0.8)):
-        parser.add_argument(f"--{flag}", type=float, default=default, help=f"(default {default})")
-    parser.add_argument("--mid_factor", type=float, default=1.0, help="(default 1.0)")
-    parser.add_argument("--eta", type=float, default=0.2, help="gd step size (default 0.2)")
-    parser.add_argument("--update_mode", default="multiplicative", choices=("multiplicative", "additive"))
-    parser.add_argument("--asymmetric_update", action="store_true", help="gd: 2.0·relu(g)^p − 0.2·relu(−g)")
-    parser.add_argument("--pos_power", type=float, default=1.0, help="gd asymmetric exponent p (default 1)")
-    parser.add_argument("--grad_norm", default="mean_abs", choices=("mean_abs", "l2", "none"))
-    parser.add_argument("--preserve_energy", default="l1", choices=("l1", "l2", "none"))
-    parser.add_argument("--sigma_clip_min", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0, help="random_index permutation seed (default 0)")
+    for name, default in EditRule().as_dict().items():  # the rule's defaults and choices, so they cannot drift
+        if name == "asymmetric_update":
+            parser.add_argument(f"--{name}", action="store_true", help="gd: 2.0·relu(g)^p − 0.2·relu(−g)")
+        elif name in CHOICES:
+            parser.add_argument(f"--{name}", default=default, choices=CHOICES[name], help=f"(default {default})")
+        else:
+            parser.add_argument(f"--{name}", type=type(default), default=default, help=f"(default {default})")
     parser.add_argument("--calib_task", default="gsm8k", help="calibration task, train split (default gsm8k)")
     parser.add_argument("--calib_path", help="calibration data in the hub's schema (a file or directory)")
     parser.add_argument("--calib_samples", type=int, default=32)
@@ -213,12 +210,11 @@ def cmd_edit_spectral(args: argparse.Namespace) -> int:
     from loralab.edit.evaluate import evaluate_before_after
     from loralab.evaluation.generate import require_vllm
 
-    rule_keys = [f for f in EditRule.__dataclass_fields__ if f != "seed"]
     edit = SpectralEdit(
         args.base_model,
         args.lora_path,
         args.out_dir,
-        EditRule(**{key: getattr(args, key) for key in rule_keys}, seed=args.seed),
+        EditRule(**{key: getattr(args, key) for key in EditRule.__dataclass_fields__}),
         tuple(args.target_modules),
         args.layer_min,
         args.layer_max,

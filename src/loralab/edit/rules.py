@@ -16,6 +16,12 @@ from torch import Tensor
 from loralab.errors import ConfigError
 
 EPSILON = 1e-8
+CHOICES = {
+    "mode": ("abs_select", "random_index", "gd"),
+    "update_mode": ("multiplicative", "additive"),
+    "grad_norm": ("mean_abs", "l2", "none"),
+    "preserve_energy": ("l1", "l2", "none"),
+}
 ASYMMETRIC_STEPS = (2.0, 0.2)  # step on relu(g) (suppress) and on -relu(-g) (enhance), as published
 
 
@@ -39,13 +45,7 @@ class EditRule:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices = {
-            "mode": ("abs_select", "random_index", "gd"),
-            "update_mode": ("multiplicative", "additive"),
-            "grad_norm": ("mean_abs", "l2", "none"),
-            "preserve_energy": ("l1", "l2", "none"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("core_frac", "noise_frac"):
