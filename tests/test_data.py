@@ -14,13 +14,27 @@ from datasets import Dataset
 
 from loralab.config.schema import TaskConfig
 from loralab.data import get_task, load_task, task_names
-from loralab.data.synthetic import NEGATIVE, POSITIVE, generate
+from loralab.data.synthetic import CITIES, NAMES, NEGATIVE, POSITIVE, THINGS, generate
 from loralab.data.tasks import holdout_size
 from loralab.data.templates import alpaca_prompt
 from loralab.errors import DataError
+from loralab.evaluation.metrics import compute_metrics, extract_answer
 
-SYNTHETIC = ["synthetic/sentiment", "synthetic/entailment", "synthetic/arithmetic"]
-KEY = {"synthetic/sentiment": "sentence", "synthetic/entailment": "sentence1", "synthetic/arithmetic": "question"}
+SYNTHETIC = [
+    "synthetic/sentiment",
+    "synthetic/entailment",
+    "synthetic/arithmetic",
+    "synthetic/squad",
+    "synthetic/summarization",
+]
+KEY = {  # the columns whose text decides a row's split
+    "synthetic/sentiment": ("sentence",),
+    "synthetic/entailment": ("sentence1",),
+    "synthetic/arithmetic": ("question",),
+    "synthetic/squad": ("context", "question"),
+    "synthetic/summarization": ("document",),
+}
+QUESTION_TYPES = ("Who ", "Where ", "How many ", "What colour ", "What did ")
 
 
 def task(name: str, path=None, train: int | None = None, evaluation: int | None = None) -> TaskConfig:
@@ -67,7 +81,7 @@ def test_synthetic_splits_are_deterministic_prefix_stable_and_disjoint(name):
     assert generate(name, "train", 1000) == train
     assert generate(name, "train", 100) == train[:100]
     assert train != evaluation[: len(train)]
-    keys = [row[KEY[name]] for row in train], [row[KEY[name]] for row in evaluation]
+    keys = [[tuple(row[c] for c in KEY[name]) for row in split] for split in (train, evaluation)]
     assert not set(keys[0]) & set(keys[1])
     texts = [set(json.dumps(row, sort_keys=True) for row in split) for split in (train, evaluation)]
     assert len(texts[0]) == 1000 and len(texts[1]) == 300 and not texts[0] & texts[1]
@@ -99,6 +113,8 @@ def test_load_task_gives_default_sizes_and_first_n_examples():
         "synthetic/sentiment": (2000, 500),
         "synthetic/entailment": (2000, 500),
         "synthetic/arithmetic": (2000, 200),
+        "synthetic/squad": (2000, 200),
+        "synthetic/summarization": (2000, 200),
     }
     small = load_task(task("synthetic/sentiment", train=40, evaluation=7))
     full = load_task(task("synthetic/sentiment"))
@@ -161,6 +177,69 @@ def test_arithmetic_answers_are_gsm8k_format_and_correct():
         assert final == int(annotations[-1][1]) and example.reference == str(final) and final > 0
         steps.add(example.text.count(".") - 1)
     assert steps == {1, 2, 3}
+
+
+def words_of(text: str, vocabulary: list[str]) -> set[str]:
+    return {word for word in vocabulary if re.search(rf"\b{word}\b", text)}
+
+
+def test_synthetic_squad_rows_are_squad_with_answers_at_answer_start():
+    rows = generate("synthetic/squad", "train", 300) + generate("synthetic/squad", "eval", 100)
+    first_sentence = 0
+    for row in rows:
+        assert set(row) == {"id", "title", "context", "question", "answers"}
+        assert set(row["answers"]) == {"text", "answer_start"} and len(row["answers"]["text"]) == 1
+        (answer,), (start,) = row["answers"]["text"], row["answers"]["answer_start"]
+        assert row["context"][start : start + len(answer)] == answer and 1 <= len(answer.split()) <= 3
+        assert row["question"].startswith(QUESTION_TYPES) and row["question"].endswith("?")
+        assert re.fullmatch(r"[0-9a-f]{24}", row["id"]) and row["title"] in row["context"]
+        assert 2 <= row["context"].count(".") <= 4
+        # two people, places or things to choose from: the answer cannot be read off the question alone
+        assert len(words_of(row["context"], NAMES)) == 2 and len(words_of(row["context"], THINGS)) == 2
+        first_sentence += start < row["context"].index(".")
+    assert len({row["id"] for row in rows}) == len(rows)
+    assert 0.15 < first_sentence / len(rows) < 0.6
+    questions = [row["question"] for row in generate("synthetic/squad", "train", 200)]
+    assert len({kind for q in questions for kind in QUESTION_TYPES if q.startswith(kind)}) >= 4
+
+
+def test_synthetic_summaries_are_one_short_sentence_about_the_documents_event():
+    rows = generate("synthetic/summarization", "train", 300) + generate("synthetic/summarization", "eval", 100)
+    second_person = 0
+    for row in rows:
+        assert set(row) == {"id", "document", "summary"} and row["id"].isdigit()
+        summary, document = row["summary"], row["document"]
+        assert len(summary.split()) <= 12 and summary.endswith(".") and summary.count(".") == 1
+        assert 3 <= document.count(".") <= 5 and summary not in document
+        # the summary's person and city are those of the document's event sentence, not a distractor's
+        (person,), cities = words_of(summary, NAMES), words_of(summary, CITIES)
+        assert person in document and cities and cities <= words_of(document, CITIES)
+        second_person += len(words_of(document, NAMES)) == 2
+    assert second_person / len(rows) > 0.75
+    assert {verb for row in rows for verb in ("won", "opened", "moved") if f" {verb} " in row["summary"]} == {
+        "won",
+        "opened",
+        "moved",
+    }
+
+
+def test_synthetic_squad_and_summarization_load_through_their_hub_converters():
+    squad = load_task(task("synthetic/squad", train=20, evaluation=5))
+    assert squad.spec.metrics == ("squad_em", "squad_f1") and squad.spec.answer == "squad" and squad.spec.hub is None
+    for example, row in zip(squad.train, generate("synthetic/squad", "train", 20), strict=True):
+        answer = row["answers"]["text"][0]
+        assert example.id == row["id"] and example.reference == [answer] and example.target == " " + answer
+        assert example.text == f"Context: {row['context']}\nQuestion: {row['question']}\nAnswer:"
+    golds = [extract_answer("squad", e.target) for e in squad.eval]
+    assert compute_metrics(squad.spec.metrics, golds, [e.reference for e in squad.eval]) == {
+        "squad_em": 1.0,
+        "squad_f1": 1.0,
+    }
+    xsum = load_task(task("synthetic/summarization", train=20, evaluation=5))
+    assert xsum.spec.metrics[:4] == ("rouge1", "rouge2", "rougeL", "rougeLsum") and xsum.spec.answer == "text"
+    for example, row in zip(xsum.eval, generate("synthetic/summarization", "eval", 5), strict=True):
+        assert example.id == row["id"] and example.text == f"Document: {row['document']}\nSummary:"
+        assert example.target == " " + row["summary"] and example.reference == row["summary"]
 
 
 # ---- local files in the hub's schema --------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -12,6 +15,7 @@ from loralab.errors import LoraLabError
 from loralab.evaluation.metrics import compute_metrics, extract_answer
 from loralab.evaluation.standalone import score_predictions
 
+SQUAD_CASES = json.loads((Path(__file__).parent / "fixtures" / "squad_cases.json").read_text())
 PREDICTED = [1, 0, 1, 1, 0, 1, 0, 0]
 GOLD = [1, 0, 0, 1, 1, 1, 0, 1]
 
@@ -58,6 +62,24 @@ def test_squad_em_and_f1_follow_the_official_normalisation():
     # F1: 1; big red dog vs red dog → p 2/3, r 1 → 0.8; lyon vs (lyon france) → p 1, r 1/2 → 2/3; 1; 1
     assert scores["squad_f1"] == pytest.approx((1 + 0.8 + 2 / 3 + 1 + 1) / 5)
     assert compute_metrics(["squad_em", "squad_f1"], ["Paris"], [[""]]) == {"squad_em": 0.0, "squad_f1": 0.0}
+
+
+@pytest.mark.parametrize("case", SQUAD_CASES, ids=[case["note"] for case in SQUAD_CASES])
+def test_squad_scores_equal_the_official_script_on_fixture_cases(case):
+    """Expected EM/F1 (as fractions, not the script's percentages) come from a separate re-implementation of the
+    official evaluate-v1.1.py rules (lower-case, ASCII punctuation deleted, a/an/the deleted as whole words, white
+    space collapsed; multiset token-overlap F1; max over golds) with v2.0's empty-answer rule, run once."""
+    scores = compute_metrics(["squad_em", "squad_f1"], [case["prediction"]], [case["golds"]])
+    assert scores["squad_em"] == pytest.approx(case["em"], abs=1e-9)
+    assert scores["squad_f1"] == pytest.approx(case["f1"], abs=1e-9)
+
+
+def test_squad_scores_of_the_fixture_cases_together_are_their_means():
+    predictions, golds = [c["prediction"] for c in SQUAD_CASES], [c["golds"] for c in SQUAD_CASES]
+    scores = compute_metrics(["squad_em", "squad_f1"], predictions, golds)
+    assert len(SQUAD_CASES) >= 15 and {c["em"] for c in SQUAD_CASES} == {0.0, 1.0}
+    assert scores["squad_em"] == pytest.approx(sum(c["em"] for c in SQUAD_CASES) / len(SQUAD_CASES), abs=1e-9)
+    assert scores["squad_f1"] == pytest.approx(sum(c["f1"] for c in SQUAD_CASES) / len(SQUAD_CASES), abs=1e-9)
 
 
 def test_rouge_equals_rouge_score():

@@ -1,15 +1,19 @@
 """Offline synthetic tasks, generated deterministically, in the schema of their hub counterparts.
 
-`sentiment` rows look like glue/sst2, `entailment` like glue/rte, `arithmetic` like gsm8k, so the same
+`sentiment` rows look like glue/sst2, `entailment` like glue/rte, `arithmetic` like gsm8k, `squad` like squad
+(extractive QA over a templated passage) and `summarization` like xsum (one-sentence summaries), so the same
 converters, templates and metrics serve both. Each split draws from its own seeded `random.Random`, and a
-fixed hash of an example's key text assigns every possible example to exactly one split: train and eval
-never share a text, and a split's first N rows are the same whatever N the caller asks for.
+fixed hash of an example's key text (its sentence, question, context and question, or document) assigns every
+possible example to exactly one split: train and eval never share a key text, and a split's first N rows are
+the same whatever N the caller asks for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
+import string
 import zlib
 from collections.abc import Callable
 
@@ -160,14 +164,157 @@ def arithmetic_row(rng: random.Random) -> Row:
     return {"question": " ".join(sentences), "answer": "\n".join([*lines, f"#### {total}"])}
 
 
+# ---- squad: a passage about two people, a question about one fact, the answer a span of the passage ----
+
+HOMES = ["{name} lives in {city}.", "These days {name} lives in {city}.", "{name} has lived in {city} for years."]
+PURCHASES = [
+    "{name} bought {count} {color} {thing} at a market.",
+    "On Monday, {name} bought {count} {color} {thing}.",
+    "Last week {name} bought {count} {color} {thing} for a friend.",
+]
+# (question, first slot of the answer span, last slot of it); 'home' questions need the person's home sentence
+PURCHASE_QUESTIONS = [
+    ("Who bought the {color} {thing}?", "name", "name"),
+    ("How many {thing} did {name} buy?", "count", "count"),
+    ("What colour were the {thing} that {name} bought?", "color", "color"),
+    ("What did {name} buy?", "count", "thing"),
+]
+HOME_QUESTIONS = [("Where does {name} live?", "city", "city"), ("Who lives in {city}?", "name", "name")]
+HOME_RATE = 0.6
+
+
+def render(template: str, fact: dict[str, str]) -> tuple[str, dict[str, int]]:
+    """The template filled with the fact, and the offset in it where each slot's value starts."""
+    text, starts = "", {}
+    for literal, slot, _, _ in string.Formatter().parse(template):
+        text += literal
+        if slot is not None:
+            starts.setdefault(slot, len(text))
+            text += fact[slot]
+    return text, starts
+
+
+def squad_row(rng: random.Random) -> Row:
+    """A SQuAD v1.1 row: 2–4 sentences (a purchase each, maybe a home each) about two people, one question.
+
+    The people differ in name, city and thing, so every question has exactly one answer in the passage.
+    """
+    names, cities, things = rng.sample(NAMES, 2), rng.sample(CITIES, 2), rng.sample(THINGS, 2)
+    people = [
+        {"name": n, "city": c, "thing": t, "count": rng.choice(COUNTS), "color": rng.choice(COLORS)}
+        for n, c, t in zip(names, cities, things, strict=True)
+    ]
+    sentences = [(person, rng.choice(PURCHASES), PURCHASE_QUESTIONS) for person in people]
+    sentences += [(person, rng.choice(HOMES), HOME_QUESTIONS) for person in people if rng.random() < HOME_RATE]
+    rng.shuffle(sentences)
+    rendered = [render(template, person) for person, template, _ in sentences]
+    target = rng.randrange(len(sentences))
+    person, _, questions = sentences[target]
+    question, first, last = rng.choice(questions)
+    offset = sum(len(text) + 1 for text, _ in rendered[:target])  # the sentences are joined by single spaces
+    context, starts = " ".join(text for text, _ in rendered), rendered[target][1]
+    answer_start = offset + starts[first]
+    answer = context[answer_start : offset + starts[last] + len(person[last])]
+    question = question.format(**person)
+    key = context + "\n" + question
+    return {
+        "id": digest(key)[:24],
+        "title": sentences[0][0]["name"],
+        "context": context,
+        "question": question,
+        "answers": {"text": [answer], "answer_start": [answer_start]},
+    }
+
+
+# ---- summarization: an event story with distractor details, summarised in one sentence ------------------
+
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+CONTESTS = ["chess tournament", "marathon", "baking contest", "spelling bee", "cycling race", "piano competition"]
+SHOPS = ["bakery", "bookshop", "cafe", "flower shop", "bike shop", "toy shop"]
+# (summary, sentences that state the event, distractor details: other people, places and numbers)
+STORIES = [
+    (
+        "{name} won the {contest} in {city}.",
+        [
+            "{name} took first place at the {contest} in {city} on {day}.",
+            "The {contest} in {city} ended on {day} with a victory for {name}.",
+            "On {day}, {name} beat {count} other finalists to win the {contest} in {city}.",
+        ],
+        [
+            "{other} finished second after a close final round.",
+            "{other} from {other_city} had won the {contest} the year before.",
+            "The organisers said next year's {contest} will be held in {other_city}.",
+            "About {count} hundred people came to watch.",
+            "The winner was given {count} {color} {thing} by the sponsors.",
+        ],
+    ),
+    (
+        "{name} opened a new {shop} in {city}.",
+        [
+            "{name} opened a new {shop} in {city} on {day}.",
+            "On {day}, a new {shop} run by {name} opened its doors in {city}.",
+            "After years of planning, {name} opened a {shop} in {city} on {day}.",
+        ],
+        [
+            "{other} already runs a {shop} in {other_city}.",
+            "{other} from {other_city} helped to paint the walls.",
+            "On the first day, {count} {color} {thing} were sold.",
+            "About {count} hundred people visited in the first week.",
+            "The building was empty for {count} years before.",
+        ],
+    ),
+    (
+        "{name} moved from {other_city} to {city}.",
+        [
+            "{name} moved from {other_city} to {city} on {day}.",
+            "On {day}, {name} left {other_city} for a new home in {city}.",
+            "After {count} years in {other_city}, {name} moved to {city} on {day}.",
+        ],
+        [
+            "{other} helped to carry {count} boxes of {thing}.",
+            "{other} still lives in {other_city}.",
+            "The trip from {other_city} took {count} hours.",
+            "The new flat has {count} {color} walls.",
+            "{other} plans to visit {city} in the summer.",
+        ],
+    ),
+]
+
+
+def summarization_row(rng: random.Random) -> Row:
+    """An XSum row: 3–5 sentences, the event's among distractors, and a one-sentence summary of the event."""
+    (name, other), (city, other_city) = rng.sample(NAMES, 2), rng.sample(CITIES, 2)
+    fact = {"name": name, "other": other, "city": city, "other_city": other_city}
+    for slot, values in [("day", DAYS), ("count", COUNTS), ("color", COLORS), ("thing", THINGS)]:
+        fact[slot] = rng.choice(values)
+    fact |= {"contest": rng.choice(CONTESTS), "shop": rng.choice(SHOPS)}
+    summary, events, details = rng.choice(STORIES)
+    sentences = rng.sample(details, rng.randint(2, 4))
+    sentences.insert(rng.randint(0, len(sentences)), rng.choice(events))
+    document = " ".join(sentence.format(**fact) for sentence in sentences)
+    return {"id": str(int(digest(document)[:12], 16)), "document": document, "summary": summary.format(**fact)}
+
+
+def digest(text: str) -> str:
+    """A hex digest of a key text: the same in every process, so a row's id follows from its content."""
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 # ---- generation ---------------------------------------------------------------------------------------
 
-GENERATORS: dict[str, tuple[Callable[[random.Random], Row], str]] = {
-    "synthetic/sentiment": (sentiment_row, "sentence"),
-    "synthetic/entailment": (entailment_row, "sentence1"),
-    "synthetic/arithmetic": (arithmetic_row, "question"),
+GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = {  # (row maker, key columns)
+    "synthetic/sentiment": (sentiment_row, ("sentence",)),
+    "synthetic/entailment": (entailment_row, ("sentence1",)),
+    "synthetic/arithmetic": (arithmetic_row, ("question",)),
+    "synthetic/squad": (squad_row, ("context", "question")),
+    "synthetic/summarization": (summarization_row, ("document",)),
 }
 EVAL_SHARE = 5  # one in EVAL_SHARE possible key texts belongs to the eval split
+
+
+def key_text(row: Row, columns: tuple[str, ...]) -> str:
+    """The text that decides a row's split: its key columns, one a line."""
+    return "\n".join(row[column] for column in columns)
 
 
 def split_of(key: str) -> str:
@@ -177,7 +324,7 @@ def split_of(key: str) -> str:
 
 def generate(name: str, split: str, count: int) -> list[Row]:
     """The first `count` distinct rows of a synthetic task's 'train' or 'eval' split."""
-    make_row, key = GENERATORS[name]
+    make_row, columns = GENERATORS[name]
     rng = random.Random(f"{name}/{split}")
     rows: list[Row] = []
     seen: set[str] = set()
@@ -188,6 +335,6 @@ def generate(name: str, split: str, count: int) -> list[Row]:
             raise DataError(f"{name} cannot produce {count} distinct {split} examples; ask for fewer")
         row = make_row(rng)
         identity = "\n".join(str(value) for value in row.values())
-        if split_of(row[key]) == split and identity not in seen:
+        if split_of(key_text(row, columns)) == split and identity not in seen:
             seen.add(identity)
             rows.append(row)

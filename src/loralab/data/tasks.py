@@ -208,6 +208,10 @@ TASKS: dict[str, TaskSpec] = {
         generation_task(
             "synthetic/arithmetic", gsm8k_example, ("question", "answer"), GSM8K, "gsm8k", default_sizes=(2000, 200)
         ),
+        generation_task("synthetic/squad", squad_example, SQUAD_COLUMNS, SQUAD, "squad", default_sizes=(2000, 200)),
+        generation_task(
+            "synthetic/summarization", xsum_example, ("document", "summary"), SUMMARY, "text", default_sizes=(2000, 200)
+        ),
     )
 }
 ALIASES = {
