@@ -7,8 +7,10 @@ from typing import Any
 
 from loralab.adapters.base import SIDE_FILE, Adapter, LoraView, read_json, require_directory
 from loralab.adapters.dual_rank import DualRankLoraAdapter
+from loralab.adapters.houlsby import HoulsbyAdapter
 from loralab.adapters.lora import LoraAdapter
 from loralab.adapters.peft_any import ADAPTER_CONFIG, AnyPeftAdapter, load_peft_adapter
+from loralab.adapters.prefix import PrefixAdapter
 from loralab.adapters.subset import BitfitAdapter, FullAdapter
 from loralab.errors import AdapterError
 
@@ -25,6 +27,10 @@ def build_adapter(options: Any, head: str) -> Adapter:
         return BitfitAdapter(options.train_layernorm)
     if options.kind == "peft":
         return AnyPeftAdapter(head, options.peft_type, options.kwargs)
+    if options.kind == "houlsby":
+        return HoulsbyAdapter(options.bottleneck, options.init_std)
+    if options.kind == "prefix":
+        return PrefixAdapter(options.num_virtual_tokens, options.projection, options.projection_hidden)
     raise ValueError(f"no adapter for kind {options.kind!r}")
 
 
@@ -32,9 +38,9 @@ def load_adapter(model: Any, directory: str | Path, adapter_name: str = "default
     """Load any adapter loralab writes (or any PEFT adapter, as `adapter_name`) onto a base model."""
     directory = require_directory(Path(directory))
     kind = read_json(directory / SIDE_FILE).get("adapter") if (directory / SIDE_FILE).is_file() else None
-    subset = {"full": FullAdapter(), "bitfit": BitfitAdapter()}
-    if kind in subset:
-        return subset[kind].load(model, directory)
+    native = {"full": FullAdapter(), "bitfit": BitfitAdapter(), "houlsby": HoulsbyAdapter(), "prefix": PrefixAdapter()}
+    if kind in native:
+        return native[kind].load(model, directory)
     if (directory / ADAPTER_CONFIG).is_file():
         return load_peft_adapter(model, directory, adapter_name=adapter_name)
     raise AdapterError(f"{directory} is not an adapter directory (no {ADAPTER_CONFIG} or {SIDE_FILE})")

@@ -16,7 +16,7 @@ from torch import nn
 from loralab.adapters.base import LoraView, check_safetensors, read_json, require_directory, write_side_file
 from loralab.errors import AdapterError, ConfigError, first_line, unknown
 
-TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM, "masked_lm": None}  # MLM: plain PeftModel
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

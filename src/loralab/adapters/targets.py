@@ -1,13 +1,17 @@
-"""Resolve `target_modules` presets (standard | extended | all-linear) per model architecture."""
+"""Resolve `target_modules` presets (standard | extended | attention-ffn | all-linear) per model architecture."""
 
 from __future__ import annotations
 
+import re
+
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from loralab.errors import ConfigError
 
-PRESETS = ("standard", "extended", "all-linear")
+PRESETS = ("standard", "extended", "attention-ffn", "all-linear")
+BLOCK_INDEX = re.compile(r"\.\d+\.")
 
 # q,k,v,o per family; regexes where a bare name ("dense") would also match feed-forward layers.
 EXTENDED = {
@@ -27,6 +31,8 @@ def resolve_targets(target_modules: str | list[str], model: nn.Module) -> str | 
         return target_modules
     if target_modules == "all-linear":
         return "all-linear"
+    if target_modules == "attention-ffn":
+        return block_linears(model)
     family = getattr(getattr(model, "config", None), "model_type", None)
     table = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING if target_modules == "standard" else EXTENDED
     if family not in table:
@@ -36,3 +42,16 @@ def resolve_targets(target_modules: str | list[str], model: nn.Module) -> str | 
         )
     targets = table[family]
     return list(targets) if isinstance(targets, list | tuple) else targets
+
+
+def block_linears(model: nn.Module) -> str:
+    """A regex for the linear layers inside the numbered transformer blocks (attention and feed-forward), so
+    that no head, pooler or head transform is matched."""
+    suffixes = {
+        BLOCK_INDEX.split(name, maxsplit=1)[1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D) and BLOCK_INDEX.search(name)
+    }
+    if not suffixes:
+        raise ConfigError("method.adapter.target_modules=attention-ffn found no linear layers in numbered blocks")
+    return r".*\.\d+\.(" + "|".join(sorted(map(re.escape, suffixes))) + ")"

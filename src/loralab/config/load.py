@@ -291,10 +291,42 @@ def check_combinations(config: RunConfig) -> None:
         raise ConfigError(f"method.adapter.R ({adapter.R}) must be larger than method.adapter.r ({adapter.r})")
     if "core" in config.eval.views and adapter.kind != "dual_rank_lora":
         raise ConfigError(f"eval.views=core needs method.adapter.kind=dual_rank_lora, not {adapter.kind}")
+    check_diffusion(config)
     if config.method.gradient.kind == "shake_align":
         check_shake_align(config)
     if config.method.gradient.kind == "grit":
         check_grit(config)
+
+
+def check_diffusion(config: RunConfig) -> None:
+    """trajectory_lora lives on a masked diffusion LM; the sampler's blocks must tile the response slot."""
+    diffusion, adapter = config.diffusion, config.method.adapter
+    is_diffusion = config.model.kind == "masked_diffusion"
+    if adapter.kind == "trajectory_lora":
+        if not is_diffusion:
+            raise ConfigError("method.adapter.kind=trajectory_lora needs model.kind=masked_diffusion")
+        for key in ("ranks", "scales"):
+            if len(getattr(adapter, key)) != 3:
+                raise ConfigError(f"method.adapter.{key} needs 3 values (early, mid, late phase)")
+        if min(adapter.ranks) < 1 or min(adapter.scales) < 0:
+            raise ConfigError("method.adapter.ranks must be ≥ 1 and method.adapter.scales ≥ 0")
+    if not is_diffusion:
+        return
+    if config.method.gradient.kind != "none":
+        raise ConfigError(
+            f"method.gradient.kind={config.method.gradient.kind} is not supported with model.kind=masked_diffusion "
+            "(its statistics assume a per-token task loss); use method.gradient.kind=none"
+        )
+    if diffusion.sigma_max <= diffusion.sigma_min:
+        raise ConfigError("diffusion.sigma_max must be larger than diffusion.sigma_min")
+    block = diffusion.block_length
+    if block is not None and diffusion.response_length % block:
+        raise ConfigError(
+            f"diffusion.block_length ({block}) must divide diffusion.response_length ({diffusion.response_length})"
+        )
+    blocks = diffusion.response_length // (block or diffusion.response_length)
+    if diffusion.steps % blocks:
+        raise ConfigError(f"diffusion.steps ({diffusion.steps}) must be a multiple of the number of blocks ({blocks})")
 
 
 def check_grit(config: RunConfig) -> None:
@@ -351,8 +383,12 @@ def config_to_dict(config: RunConfig) -> dict:
 
 
 def config_hash(config: RunConfig) -> str:
-    """Stable 8-hex-digit hash of everything that changes results, except the seed (it names the seed dir)."""
-    data = {k: v for k, v in config_to_dict(config).items() if k not in HASH_EXCLUDED}
+    """Stable 8-hex-digit hash of everything that changes results, except the seed (it names the seed dir).
+
+    The diffusion section changes only masked-diffusion runs, so other runs keep the hash they had without it.
+    """
+    excluded = HASH_EXCLUDED if config.model.kind == "masked_diffusion" else (*HASH_EXCLUDED, "diffusion")
+    data = {k: v for k, v in config_to_dict(config).items() if k not in excluded}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 

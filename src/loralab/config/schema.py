@@ -78,12 +78,48 @@ class DualRankOptions:
     hi_init_std: float = bounded(0.02, min=0)
 
 
+@dataclass(frozen=True)
+class TrajectoryLoraOptions:
+    """LoRA-Diffusion: per-phase banks of FiLM-conditioned low-rank modules that perturb hidden states."""
+
+    kind: Literal["trajectory_lora"] = "trajectory_lora"
+    ranks: list[int] = field(default_factory=lambda: [64, 32, 8])  # early, mid, late
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    modules_per_phase: int = bounded(2, min=1)
+    cond_dim: int = bounded(256, min=1)
+    apply_to: Literal["final", "every_layer"] = "final"
+    lambda_rank: float = bounded(0.01, min=0)
+    lambda_orth: float = bounded(0.001, min=0)
+
+
+@dataclass(frozen=True)
+class HoulsbyOptions:
+    """Houlsby bottleneck adapters after every attention and FFN output projection (identity at init)."""
+
+    kind: Literal["houlsby"] = "houlsby"
+    bottleneck: int = bounded(64, min=1)
+    init_std: float = bounded(1e-3, min=0)
+
+
+@dataclass(frozen=True)
+class PrefixOptions:
+    """Prefix tuning: trainable key/value prefixes in every attention layer, MLP-reparameterised in training."""
+
+    kind: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = bounded(32, min=1)
+    projection: bool = True
+    projection_hidden: int | None = bounded(None, min=1)
+
+
 ADAPTER_OPTIONS: dict[str, type] = {
     "lora": LoraOptions,
+    "trajectory_lora": TrajectoryLoraOptions,
     "dual_rank_lora": DualRankOptions,
     "full": FullOptions,
     "bitfit": BitfitOptions,
     "peft": PeftOptions,
+    "houlsby": HoulsbyOptions,
+    "prefix": PrefixOptions,
 }
 
 
@@ -208,7 +244,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    kind: Literal["auto", "seq_cls", "causal_lm"]
+    kind: Literal["auto", "seq_cls", "causal_lm", "masked_diffusion"]
     dtype: Literal["float32", "bfloat16", "float16"]
     quantization: Literal["none", "nf4"]
     gradient_checkpointing: bool
@@ -221,6 +257,22 @@ class MethodConfig:
     name: str
     adapter: Any
     gradient: Any
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The masked diffusion LM (model.kind=masked_diffusion): forward process, loss weight, sampler."""
+
+    schedule: Literal["loglinear", "cosine", "linear"]
+    loss_weight: Literal["elbo", "uniform"]
+    time_conditioning: Literal["none", "add"]
+    eps: float = required(gt=0, lt=1)
+    sigma_min: float = required(gt=0)
+    sigma_max: float = required(gt=0)
+    response_length: int = required(min=1)
+    steps: int = required(min=1)
+    temperature: float = required(min=0)
+    block_length: int | None = required(min=1)
 
 
 @dataclass(frozen=True)
@@ -274,6 +326,7 @@ class RunConfig:
     task: TaskConfig
     model: ModelConfig
     method: MethodConfig
+    diffusion: DiffusionConfig
     train: TrainConfig
     eval: EvalConfig
     io: IOConfig

@@ -302,12 +302,26 @@ def digest(text: str) -> str:
 
 # ---- generation ---------------------------------------------------------------------------------------
 
+
+def text_row(rng: random.Random) -> Row:
+    """Unlabelled text for continued pre-training: a sentence, a premise, a passage or a document of the tasks above."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return {"text": sentiment_row(rng)["sentence"]}
+    if kind == 1:
+        return {"text": entailment_row(rng)["sentence1"]}
+    if kind == 2:
+        return {"text": squad_row(rng)["context"]}
+    return {"text": summarization_row(rng)["document"]}
+
+
 GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = {  # (row maker, key columns)
     "synthetic/sentiment": (sentiment_row, ("sentence",)),
     "synthetic/entailment": (entailment_row, ("sentence1",)),
     "synthetic/arithmetic": (arithmetic_row, ("question",)),
     "synthetic/squad": (squad_row, ("context", "question")),
     "synthetic/summarization": (summarization_row, ("document",)),
+    "text/synthetic": (text_row, ("text",)),
 }
 EVAL_SHARE = 5  # one in EVAL_SHARE possible key texts belongs to the eval split
 

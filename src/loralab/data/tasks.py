@@ -32,7 +32,7 @@ class TaskSpec:
     """A registered task: its rows' schema and source, the row → Example converter, and its scoring."""
 
     name: str
-    kind: Literal["classification", "regression", "generation"]
+    kind: Literal["classification", "regression", "generation", "text"]  # text: unlabelled, for pre-training
     label_names: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     answer: Literal["label", "gsm8k", "text", "squad"] = "label"  # gsm8k: scored by a GSM8K profile
@@ -105,6 +105,15 @@ def instruction(input_column: str, output_column: str) -> Callable[[Row, int, Ta
         return Example(row_id(row, index), prompt, target=row[output_column], reference=row[output_column])
 
     return convert
+
+
+def text_example(row: Row, index: int, spec: TaskSpec) -> Example:
+    """Unlabelled text (continued pre-training of a masked diffusion LM)."""
+    return Example(row_id(row, index), row["text"])
+
+
+def text_task(name: str, **source: Any) -> TaskSpec:
+    return TaskSpec(name, "text", convert=text_example, columns=("text",), **source)
 
 
 def squad_example(row: Row, index: int, spec: TaskSpec) -> Example:
@@ -212,6 +221,8 @@ TASKS: dict[str, TaskSpec] = {
         generation_task(
             "synthetic/summarization", xsum_example, ("document", "summary"), SUMMARY, "text", default_sizes=(2000, 200)
         ),
+        text_task("text/wikitext", hub="Salesforce/wikitext", subset="wikitext-2-raw-v1"),
+        text_task("text/synthetic", default_sizes=(4000, 200)),
     )
 }
 ALIASES = {

@@ -33,3 +33,9 @@ def squad_prompt(context: str, question: str) -> str:
 def xsum_prompt(document: str) -> str:
     """One-sentence summarisation: the summary follows 'Summary:'."""
     return f"Document: {document}\nSummary:"
+
+
+def label_prompt(text: str, text_pair: str | None, label_names: tuple[str, ...]) -> str:
+    """A classification example as an instruction whose answer is one of the label words (diffusion LMs)."""
+    body = text if text_pair is None else f"{text}\n{text_pair}"
+    return f"{body}\nQuestion: {' or '.join(label_names)}?\nAnswer:"

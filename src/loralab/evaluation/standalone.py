@@ -12,14 +12,15 @@ from loralab.adapters import load_adapter
 from loralab.adapters.dual_rank import adapter_split
 from loralab.config.schema import RunConfig
 from loralab.data import get_task, load_task
+from loralab.diffusion import load_diffusion_adapter, load_diffusion_model
 from loralab.errors import ConfigError, DataError
-from loralab.evaluation.evaluate import EvalResult, evaluate, evaluate_gsm8k, evaluate_views
+from loralab.evaluation.evaluate import EvalResult, evaluate_gsm8k, evaluate_views
 from loralab.evaluation.generate import Generator, HfGenerator, VllmGenerator
 from loralab.evaluation.gsm8k import get_profile, score_outputs
 from loralab.evaluation.metrics import compute_metrics, extract_answer
 from loralab.models import load_model
 from loralab.models.load import source
-from loralab.training.recipe import resolve_head, write_eval
+from loralab.training.recipe import evaluate_model, resolve_head, write_eval
 from loralab.training.seeding import seed_everything
 
 
@@ -82,22 +83,17 @@ def evaluate_classic(config: RunConfig, adapter_dir: Path, examples: list) -> Ev
     """Classification, regression and non-GSM8K generation tasks, with the adapter's views."""
     spec = get_task(config.task.name)
     head = resolve_head(config.model.kind, spec.kind)
-    model, tokenizer = load_model(config.model, head, spec.num_labels)
-    model = load_adapter(model.to(default_device()), adapter_dir)
+    if head == "masked_diffusion":
+        model, tokenizer = load_diffusion_model(config.model, config.diffusion)
+        model = load_diffusion_adapter(model.to(default_device()), adapter_dir)
+    else:
+        model, tokenizer = load_model(config.model, head, spec.num_labels)
+        model = load_adapter(model.to(default_device()), adapter_dir)
     return evaluate_views(
         model,
         config.eval.views,
         adapter_split(adapter_dir),
-        lambda: evaluate(
-            model,
-            tokenizer,
-            spec,
-            examples,
-            config.eval.batch_size,
-            config.task.max_length,
-            config.eval.max_new_tokens,
-            config.eval.profile,
-        ),
+        lambda: evaluate_model(config, head, model, tokenizer, spec, examples),
     )
 
 

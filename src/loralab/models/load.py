@@ -38,22 +38,31 @@ def load_model(
     cfg: ModelConfig, head: Head, num_labels: int | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The model with the requested head, in `cfg.dtype`, and a tokenizer with a pad token."""
+    model, tokenizer, _ = load_model_reporting_new(cfg, head, num_labels)
+    return model, tokenizer
+
+
+def load_model_reporting_new(
+    cfg: ModelConfig, head: Head, num_labels: int | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase, tuple[str, ...]]:
+    """As `load_model`, plus the names of the parameters the checkpoint lacked (newly initialised)."""
     quantization = nf4_config() if cfg.quantization == "nf4" else None
     tokenizer = load_tokenizer(cfg.name, cfg.trust_remote_code)
+    new: tuple[str, ...] = ()
     if cfg.name in TINY_FAMILIES:
         model = build_tiny(cfg.name, head, num_labels, cfg.dropout).to(DTYPES[cfg.dtype])
         if quantization is not None:
-            model = reload_quantized(model, head, cfg, quantization)
+            model, _ = reload_quantized(model, head, cfg, quantization)
     else:
         with seeded() if is_preset(cfg.name) else nullcontext():  # a new head is the same in every process
-            model = from_pretrained(source(cfg.name), head, num_labels, cfg, quantization)
+            model, new = from_pretrained(source(cfg.name), head, num_labels, cfg, quantization)
         if cfg.name == "minilm":
             log.info("minilm: pretrained all-MiniLM-L6-v2 encoder; the %s head is newly initialised", head)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    return model, tokenizer
+    return model, tokenizer, new
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
@@ -117,9 +126,10 @@ def is_cached(repo_id: str) -> bool:
 
 def from_pretrained(
     location: str, head: Head, num_labels: int | None, cfg: ModelConfig, quantization: BitsAndBytesConfig | None
-) -> PreTrainedModel:
-    """The Auto class of the head, loaded from a directory or hub id; load failures become a ModelError."""
-    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+) -> tuple[PreTrainedModel, tuple[str, ...]]:
+    """The Auto class of the head, loaded from a directory or hub id, and the names of its newly initialised
+    parameters; load failures become a ModelError."""
+    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code, "output_loading_info": True}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
         if num_labels == 1:
@@ -131,14 +141,15 @@ def from_pretrained(
             if cfg.dropout is not None:
                 config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
                 kwargs |= dropout_overrides(config, cfg.dropout)
-            return AUTO_CLASSES[head].from_pretrained(location, **kwargs)
+            model, info = AUTO_CLASSES[head].from_pretrained(location, **kwargs)
+            return model, tuple(sorted(info["missing_keys"]))
         except (OSError, ValueError) as exc:
             raise ModelError(unavailable(location, exc)) from None
 
 
 def reload_quantized(
     model: PreTrainedModel, head: Head, cfg: ModelConfig, quantization: BitsAndBytesConfig
-) -> PreTrainedModel:
+) -> tuple[PreTrainedModel, tuple[str, ...]]:
     """A built model in 4 bits: bitsandbytes quantises on from_pretrained, so go through a saved copy."""
     with TemporaryDirectory() as directory:
         model.save_pretrained(directory)

@@ -19,6 +19,9 @@ from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
 from loralab.data import TaskSpec, get_task, load_task
 from loralab.data.collate import encode_classification, encode_sft
+from loralab.diffusion import build_diffusion_adapter, load_diffusion_model
+from loralab.diffusion.data import encode_diffusion
+from loralab.diffusion.evaluate import evaluate_diffusion
 from loralab.errors import ConfigError
 from loralab.evaluation.evaluate import EvalResult, evaluate, evaluate_views
 from loralab.experiments.runs import environment, plan_run, write_status
@@ -42,7 +45,14 @@ class RunOutcome:
 
 
 def resolve_head(model_kind: str, task_kind: str) -> str:
-    """The model head a task needs: a classification head, or a causal LM for generation tasks."""
+    """The model head a task needs: a classification head, a causal LM for generation tasks, or the masked
+    diffusion LM that model.kind=masked_diffusion asks for (any task but regression; text tasks need it)."""
+    if model_kind == "masked_diffusion":
+        if task_kind == "regression":
+            raise ConfigError("model.kind=masked_diffusion generates text; it cannot run a regression task")
+        return "masked_diffusion"
+    if task_kind == "text":
+        raise ConfigError("text tasks pre-train a masked diffusion LM: set model.kind=masked_diffusion")
     wanted = "causal_lm" if task_kind == "generation" else "seq_cls"
     if model_kind not in ("auto", wanted):
         raise ConfigError(f"model.kind={model_kind} cannot run a {task_kind} task; use model.kind={wanted} or auto")
@@ -54,6 +64,7 @@ class RunParts:
     """What a run trains: the task, the model with its adapter and gradient rule, the encoded training set."""
 
     spec: TaskSpec
+    head: str
     eval_examples: list
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
@@ -89,16 +100,45 @@ def prepare(config: RunConfig) -> RunParts:
         raise ConfigError("eval.backend=vllm serves loralab eval and edit --eval; training evaluates with hf")
     spec = get_task(config.task.name)
     head = resolve_head(config.model.kind, spec.kind)
-    adapter = build_adapter(config.method.adapter, head)
+    diffusion = head == "masked_diffusion"
+    adapter = (
+        build_diffusion_adapter(config.method.adapter) if diffusion else build_adapter(config.method.adapter, head)
+    )
     rule = build_rule(config.method.gradient)
     seed_everything(config.seed, config.train.deterministic)
     task = load_task(config.task)
-    model, tokenizer = load_model(config.model, head, spec.num_labels)
+    if diffusion:
+        model, tokenizer = load_diffusion_model(config.model, config.diffusion)
+    else:
+        model, tokenizer = load_model(config.model, head, spec.num_labels)
     model = adapter.apply(model)
     rule.attach(model, adapter.lora_modules(model))
-    encode = encode_sft if spec.kind == "generation" else encode_classification
-    features = encode(task.train, tokenizer, config.task.max_length)
-    return RunParts(spec, task.eval[: config.eval.max_samples], model, tokenizer, adapter, rule, features)
+    if diffusion:
+        features = encode_diffusion(
+            task.train, spec, tokenizer, config.task.max_length, config.diffusion.response_length
+        )
+    else:
+        encode = encode_sft if spec.kind == "generation" else encode_classification
+        features = encode(task.train, tokenizer, config.task.max_length)
+    return RunParts(spec, head, task.eval[: config.eval.max_samples], model, tokenizer, adapter, rule, features)
+
+
+def evaluate_model(config: RunConfig, head: str, model: nn.Module, tokenizer, spec: TaskSpec, examples) -> EvalResult:
+    """One evaluation of `model` as it is, by the evaluator of its head (diffusion sampling or HF)."""
+    if head == "masked_diffusion":
+        return evaluate_diffusion(
+            model, tokenizer, spec, examples, config.diffusion, config.eval.batch_size, config.task.max_length
+        )
+    return evaluate(
+        model,
+        tokenizer,
+        spec,
+        examples,
+        config.eval.batch_size,
+        config.task.max_length,
+        config.eval.max_new_tokens,
+        config.eval.profile,
+    )
 
 
 def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, show_progress: bool | None) -> RunOutcome:
@@ -159,6 +199,8 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
     final = events.final or events.run_eval(state.step)
     write_eval(directory, final)
     parts.adapter.save(accelerator.unwrap_model(model), directory / "adapter")
+    if parts.spec.kind == "text" and config.method.adapter.kind == "full":
+        accelerator.unwrap_model(model).save_pretrained(directory / "model", parts.tokenizer)
     rule.write_outputs(directory)
     write_status(
         directory,
@@ -168,6 +210,7 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
         duration_s=round(time.time() - started, 2),
         peak_mem_mb=round(peak_memory_mb(), 1),
         tokens_per_s=round(state.tokens / state.seconds, 1) if state.seconds else None,
+        step_time_s=round(state.seconds / state.step, 4) if state.step else None,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
     )
@@ -241,15 +284,13 @@ class RunEvents:
             self.model,
             self.config.eval.views,
             self.parts.split,
-            lambda: evaluate(
+            lambda: evaluate_model(
+                self.config,
+                self.parts.head,
                 self.model,
                 self.parts.tokenizer,
                 self.parts.spec,
                 self.parts.eval_examples,
-                self.config.eval.batch_size,
-                self.config.task.max_length,
-                self.config.eval.max_new_tokens,
-                self.config.eval.profile,
             ),
         )
         self.log(step, "eval", result.metrics)
