@@ -20,6 +20,7 @@ def write_run(root, method, seed, final, curve, state="completed"):
     run.mkdir(parents=True)
     (run / "eval.json").write_text(json.dumps({"metrics": final, "n": 10}))
     status = {"state": state, "trainable_params": 50, "total_params": 1000, "tokens_per_s": 100.0 + seed}
+    status["step_time_s"] = 0.5 * seed
     (run / "status.json").write_text(json.dumps(status | {"peak_mem_mb": 10.0}))
     with open(run / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -50,6 +51,8 @@ def test_groups_and_statistics_match_numpy(runs):
     best = np.array([0.75, 0.80, 0.9])
     assert lora["best accuracy"] == f"{best.mean():.4f} ± {best.std(ddof=1):.4f}"
     assert lora["trainable %"] == "5.000 ± 0.000" and lora["tokens/s"] == "102.0 ± 1.0"
+    steps = np.array([0.5, 1.0, 1.5])
+    assert lora["step s"] == f"{steps.mean():.3f} ± {steps.std(ddof=1):.3f}"
     ours = dict(zip(header, rows[1], strict=True))
     assert ours["accuracy"] == f"0.8500 ± {np.std([0.9, 0.8], ddof=1):.4f}"  # the full view lines up with lora
     assert ours["core/accuracy"] == f"0.5500 ± {np.std([0.5, 0.6], ddof=1):.4f}"

@@ -135,7 +135,8 @@ class MaskedDiffusionLM(nn.Module):
         finally:
             self.conditioning = None
         logits = output.logits
-        return logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
+        logits[..., self.mask_id] = float("-inf")  # in place: a vocabulary-wide copy per forward is not needed
+        return logits
 
     def diffusion_loss(
         self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, generator: torch.Generator | None = None
@@ -188,17 +189,17 @@ def load_diffusion_model(
     """The backbone with its masked-LM head (a missing head: tied decoder + new transform), wrapped for diffusion."""
     backbone, tokenizer, new = load_model_reporting_new(cfg, "masked_lm")
     new_head = tuple(name for name in new if not name.endswith("decoder.weight"))
-    if new_head:
-        identity_transforms(backbone, new_head)
+    identity_transforms(backbone, new_head)
+    model = MaskedDiffusionLM(
+        backbone, tokenizer, Schedule.from_config(diffusion), diffusion.time_conditioning == "add", new_head
+    )
+    if model.head_parameters:
         log.info(
             "%s has no trained masked-LM head: the decoder is the tied word-embedding matrix; the head's %d new "
             "tensors (transform identity-initialised, bias) train with every adapter",
             cfg.name,
-            len(new_head),
+            len(model.head_parameters),
         )
-    model = MaskedDiffusionLM(
-        backbone, tokenizer, Schedule.from_config(diffusion), diffusion.time_conditioning == "add", new_head
-    )
     parts = Path(cfg.name) / PARTS_FILE
     if parts.is_file():  # a backbone saved by continued pre-training keeps its time embedding beside it
         model.load_own_parts(parts.parent)

@@ -80,10 +80,20 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 
 
 def table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: group, seeds, final and best of every eval metric, trainable %, tokens/s, peak memory."""
+    """Header and rows: group, seeds, final and best of every eval metric, trainable %, mean step time (s), tokens/s,
+    peak memory."""
     finals, bests = [g.final() for g in groups], [g.best() for g in groups]
     metrics = sorted({name for final in finals for name in final})
-    header = ["run", "seeds", *metrics, *(f"best {m}" for m in metrics), "trainable %", "tokens/s", "peak MB"]
+    header = [
+        "run",
+        "seeds",
+        *metrics,
+        *(f"best {m}" for m in metrics),
+        "trainable %",
+        "step s",
+        "tokens/s",
+        "peak MB",
+    ]
     rows = []
     for group, final, best in zip(groups, finals, bests, strict=True):
         counts = zip(group.status("trainable_params"), group.status("total_params"), strict=True)
@@ -95,6 +105,7 @@ def table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
                 *(mean_std(final.get(m, [])) for m in metrics),
                 *(mean_std(best.get(m, [])) for m in metrics),
                 mean_std(trainable, 3),
+                mean_std(group.status("step_time_s"), 3),
                 mean_std(group.status("tokens_per_s"), 1),
                 mean_std(group.status("peak_mem_mb"), 1),
             ]
