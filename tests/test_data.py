@@ -26,6 +26,7 @@ SYNTHETIC = [
     "synthetic/arithmetic",
     "synthetic/squad",
     "synthetic/summarization",
+    "text/synthetic",
 ]
 KEY = {  # the columns whose text decides a row's split
     "synthetic/sentiment": ("sentence",),
@@ -33,6 +34,7 @@ KEY = {  # the columns whose text decides a row's split
     "synthetic/arithmetic": ("question",),
     "synthetic/squad": ("context", "question"),
     "synthetic/summarization": ("document",),
+    "text/synthetic": ("text",),
 }
 QUESTION_TYPES = ("Who ", "Where ", "How many ", "What colour ", "What did ")
 
@@ -57,7 +59,8 @@ def write_jsonl(path, rows: list[dict]) -> None:
 def test_registry_has_every_task_and_aliases():
     expected = {
         "glue/sst2", "glue/rte", "glue/mrpc", "glue/qnli", "glue/cola", "glue/stsb", "super_glue/boolq", "gsm8k",
-        "tatsu-lab/alpaca", "databricks/databricks-dolly-15k", "squad", "squad_v2", "xsum", *SYNTHETIC,
+        "tatsu-lab/alpaca", "databricks/databricks-dolly-15k", "squad", "squad_v2", "xsum", "text/wikitext",
+        *SYNTHETIC,
     }  # fmt: skip
     assert set(task_names()) == expected
     assert get_task("databricks-dolly-15k").name == "databricks/databricks-dolly-15k"
@@ -115,6 +118,7 @@ def test_load_task_gives_default_sizes_and_first_n_examples():
         "synthetic/arithmetic": (2000, 200),
         "synthetic/squad": (2000, 200),
         "synthetic/summarization": (2000, 200),
+        "text/synthetic": (4000, 200),
     }
     small = load_task(task("synthetic/sentiment", train=40, evaluation=7))
     full = load_task(task("synthetic/sentiment"))
@@ -384,3 +388,24 @@ def test_offline_hub_fails_fast_with_a_data_error():
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.stdout.startswith("cannot load glue/sst2 from the hub (") and "task.path=" in done.stdout
+
+
+def test_text_tasks_are_unlabelled_text_from_the_generators_or_wikitext_files(tmp_path):
+    spec = get_task("text/wikitext")
+    assert (spec.kind, spec.hub, spec.subset, spec.eval_split) == (
+        "text",
+        "Salesforce/wikitext",
+        "wikitext-2-raw-v1",
+        "validation",
+    )
+    rows = [{"text": " = Valkyria Chronicles = \n"}, {"text": ""}, {"text": " The game began development in 2010 .\n"}]
+    for split in ("train", "validation"):
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    data = load_task(task("text/wikitext", tmp_path))
+    assert [e.text for e in data.train] == [r["text"] for r in rows] and data.train[0].target is None
+    synthetic = load_task(task("text/synthetic", train=200, evaluation=10)).train
+    sources = {"sentence": 0, "passage": 0}
+    for example in synthetic:
+        assert example.text and example.label is None and example.target is None
+        sources["passage" if example.text.count(".") > 1 else "sentence"] += 1
+    assert min(sources.values()) > 20  # single sentences and multi-sentence passages both occur

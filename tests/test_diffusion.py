@@ -203,3 +203,52 @@ def test_minilm_gets_a_tied_decoder_and_an_identity_new_transform_that_trains():
     torch.testing.assert_close(head.transform.dense.weight.detach(), torch.eye(384))
     assert float(head.transform.dense.bias.detach().abs().max()) == 0.0
     assert tokenizer.mask_token_id != tokenizer.pad_token_id and model.eos_id == tokenizer.sep_token_id
+
+
+def modernbert_directory(tmp_path):
+    """A tiny random ModernBERT masked LM saved with the byte tokenizer: a local model directory."""
+    from transformers import AutoModelForMaskedLM, ModernBertConfig
+
+    from loralab.models.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer("bert", 512)
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos", "cls", "sep")}
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        global_attn_every_n_layers=1,
+        **ids,
+    )
+    torch.manual_seed(0)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-roberta", "modernbert"])
+def test_other_masked_lm_backbones_train_and_sample_with_trajectory_lora(tmp_path, backbone):
+    from loralab.config.schema import TrajectoryLoraOptions
+    from loralab.diffusion import TrajectoryLoraAdapter
+
+    name = modernbert_directory(tmp_path) if backbone == "modernbert" else backbone
+    model, tokenizer = tiny_diffusion(f"model.name={name}")
+    assert not model.head_parameters  # these checkpoints carry their masked-LM head
+    batch = sentiment_batch(model, tokenizer, count=4, response_length=6)
+    model.eval()
+    args = (batch["input_ids"], batch["attention_mask"], ~batch["response_mask"].bool(), torch.full((4,), 0.5))
+    before = model.denoise(*args)
+    model = TrajectoryLoraAdapter(TrajectoryLoraOptions(ranks=[4, 4, 4], apply_to="every_layer")).apply(model)
+    torch.testing.assert_close(model.denoise(*args), before, rtol=0, atol=0)
+    assert len(model.trajectory.sites) == 2
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for p in model.trajectory.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and any(float(g.abs().sum()) > 0 for g in grads)
+    model.eval()
+    prompts = [tokenizer("a short prompt")["input_ids"]]
+    assert len(sample(model, prompts, SamplerSettings(response_length=6, steps=3))[0]) <= 6

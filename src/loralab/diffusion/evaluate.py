@@ -55,9 +55,19 @@ def evaluate_diffusion(
     return EvalResult(metrics, records)
 
 
-def generated_records(model, tokenizer, spec, examples, cfg: DiffusionConfig, batch_size: int, max_length: int):
+def generated_records(
+    model: MaskedDiffusionLM,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    cfg: DiffusionConfig,
+    batch_size: int,
+    max_length: int,
+) -> list[dict]:
+    """predictions.jsonl records: prompt, sampled output, extracted answer, reference (and the verbaliser's label)."""
     settings = SamplerSettings.from_config(cfg)
     verbalizer = verbalizer_ids(tokenizer, spec) if spec.kind == "classification" else None
+    answer = "label" if spec.kind == "classification" else spec.answer
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -69,7 +79,6 @@ def generated_records(model, tokenizer, spec, examples, cfg: DiffusionConfig, ba
         ]
         argmax = verbalize(model, prompts, cfg.response_length, verbalizer) if verbalizer else None
         for i, (example, text, output) in enumerate(zip(chunk, texts, outputs, strict=True)):
-            answer = "label" if spec.kind == "classification" else spec.answer
             prediction = extract_answer(answer, output)
             references = example.reference if isinstance(example.reference, list) else [example.reference]
             record = {
@@ -95,7 +104,7 @@ def verbalizer_ids(tokenizer: PreTrainedTokenizerBase, spec: TaskSpec) -> list[i
     return first
 
 
-def verbalize(model: MaskedDiffusionLM, prompts, length: int, verbalizer: list[int]) -> list[int]:
+def verbalize(model: MaskedDiffusionLM, prompts: list[list[int]], length: int, verbalizer: list[int]) -> list[int]:
     """Index of the label whose first token scores highest at the first slot position, slot fully masked."""
     device = next(model.parameters()).device
     ids, attention, prompt_mask, slots = response_slots(prompts, length, model.mask_id, model.pad_id, device)
@@ -104,7 +113,14 @@ def verbalize(model: MaskedDiffusionLM, prompts, length: int, verbalizer: list[i
     return first[:, verbalizer].argmax(dim=-1).tolist()
 
 
-def elbo(model: MaskedDiffusionLM, tokenizer, spec, examples, batch_size: int, max_length: int) -> float:
+def elbo(
+    model: MaskedDiffusionLM,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+) -> float:
     """−(diffusion loss) per response token over the examples, with seeded (t, mask) draws."""
     features = encode_diffusion(examples, spec, tokenizer, max_length, 1)
     device = next(model.parameters()).device
