@@ -76,12 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--compress", action="store_true", help="GRIT: per-module rank k_m (PEFT rank_pattern)")
     export.add_argument("--out", type=Path, required=True, help="directory for the exported adapter")
     export.set_defaults(handler=cmd_export)
+    add_analysis_commands(commands)
 
     report = commands.add_parser("report", help="mean ± std tables of completed runs, grouped by all but the seed")
     report.add_argument("paths", nargs="+", type=Path, help="run roots or run directories")
     report.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     report.add_argument("--out", type=Path, help="write the table here too")
+    report.add_argument("--plots", type=Path, metavar="DIR", help="also write convergence and method plots (PNG, PDF)")
     report.set_defaults(handler=cmd_report)
+
+    sweep = commands.add_parser("sweep", help="train the product of grids, an ablation and seeds; then the table")
+    add_config_arguments(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a swept key (repeatable)")
+    sweep.add_argument("--ablation", metavar="NAME", help="a protocol ablation: rank, alpha or modules")
+    sweep.add_argument("--seeds", default="42,1337,2024", help="comma-separated seeds (default 42,1337,2024)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time; above 1, one process per run")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and what each would do; train nothing")
+    sweep.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    sweep.add_argument("--out", type=Path, help="write the table here too")
+    sweep.set_defaults(handler=cmd_sweep)
+    add_hpo_command(commands)
 
     score = commands.add_parser("score", help="re-score a predictions.jsonl file")
     score.add_argument("--task", required=True)
@@ -90,6 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--profile", choices=GSM8K_PROFILES, help="GSM8K-style tasks: the scoring profile (lm-eval)")
     score.set_defaults(handler=cmd_score)
     return parser
+
+
+def add_hpo_command(commands) -> None:
+    """`hpo`: an Optuna study (or the hierarchical stages) over the config; each flag sets an hpo.* key."""
+    hpo = commands.add_parser("hpo", help="tune hyper-parameters with Optuna: trials are runs; resumable, many workers")
+    add_config_arguments(hpo)
+    hpo.add_argument("--n-trials", type=int, metavar="N", help="finished trials wanted (hpo.n_trials)")
+    hpo.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes (default 1)")
+    hpo.add_argument("--schedule", metavar="NAME", help="a packaged schedule: preeval or final (hpo.schedule)")
+    hpo.add_argument("--storage", metavar="URL", help="Optuna storage URL or journal file (hpo.storage)")
+    hpo.add_argument("--study", metavar="NAME", help="study name (hpo.study_name)")
+    hpo.set_defaults(handler=cmd_hpo)
+
+
+def cmd_hpo(args: argparse.Namespace) -> int:
+    from loralab.experiments.hpo import run_hpo
+
+    flags = {"n_trials": args.n_trials, "schedule": args.schedule, "storage": args.storage, "study_name": args.study}
+    extra = [f"hpo.{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    results = run_hpo(args.config, [*args.set, *args.overrides, *extra], args.workers)
+    for result in results:
+        print(result.line())
+    unfinished = [result for result in results if not result.finished and result.plan.timeout is None]
+    for result in unfinished:
+        print(f"loralab: study {result.plan.name} is not finished; run the command again to continue", file=sys.stderr)
+    return 1 if unfinished else 0
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -259,14 +299,107 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_analysis_commands(commands) -> None:
+    """`merge` (fold a PEFT adapter into its base, optionally checked and timed) and `analyze`."""
+    source_help = "adapter directory, or a run directory holding adapter/ (its config gives base, head and task)"
+    merge = commands.add_parser("merge", help="merge a PEFT adapter into its base model (PEFT merge_and_unload)")
+    merge.add_argument("adapter", type=Path, help=source_help)
+    merge.add_argument("--base", help="base model (preset, local path or hub id); default: the run's")
+    merge.add_argument("--task", help="task (head and probe texts); default: the run's")
+    merge.add_argument("--out", type=Path, required=True, help="directory for the merged model and tokenizer")
+    merge.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    merge.add_argument("--check", action="store_true", help="compare logits; time adapter, merged and base")
+    merge.add_argument("--probe-batch", type=int, default=8, metavar="N", help="probe texts for --check (default 8)")
+    merge.add_argument("--tol", type=float, default=1e-5, help="largest allowed max |Δ| of the logits (1e-5)")
+    merge.add_argument("--rounds", type=int, default=6, help="--check timing rounds (default 6)")
+    merge.add_argument("--repeats", type=int, default=5, help="forward passes per side per round (default 5)")
+    merge.set_defaults(handler=cmd_merge)
+
+    analyze = commands.add_parser("analyze", help="parameter counts, frozen-base hash, LoRA spectra and ranks, plots")
+    analyze.add_argument("adapter", type=Path, help=source_help)
+    analyze.add_argument("--base", help="base model (preset, local path or hub id); default: the run's")
+    analyze.add_argument("--task", help="task (head and probe texts); default: the run's")
+    analyze.add_argument("--out", type=Path, help="directory for analysis.json and figures (default ../analysis)")
+    analyze.add_argument("--tau", type=float, default=0.9, help="energy share of the energy rank (default 0.9)")
+    analyze.add_argument("--representations", type=int, metavar="N", help="compare hidden states on N probe texts")
+    analyze.set_defaults(handler=cmd_analyze)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from loralab.analysis.merge import latency_table, merge_adapter, mergeable_source
+
+    source = mergeable_source(args.adapter, args.base, args.task)
+    outcome = merge_adapter(
+        source, args.out, args.dtype, args.check, args.probe_batch, args.tol, args.rounds, args.repeats
+    )
+    print(f"merged {source.adapter} into {source.model.name} ({args.dtype}): {outcome.out}")
+    if outcome.check is None:
+        return 0
+    check = outcome.check
+    diffs = check["max_abs_diff"], check["reload_max_abs_diff"]
+    print("max |Δ| logits, adapter vs merged: {:.3e} (reloaded from --out: {:.3e})".format(*diffs))
+    print(latency_table(check["latency"]), end="")
+    if not outcome.ok:
+        print(f"loralab: merge check failed: max |Δ| {max(diffs):.3e} > --tol {args.tol:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from loralab.analysis.analyze import analyze, default_out
+    from loralab.analysis.source import resolve_source
+
+    source = resolve_source(args.adapter, args.base, args.task)
+    out = args.out or default_out(source)
+    document = analyze(source, out, args.tau, args.representations)
+    params, lora = document["parameters"], document["lora"]["summary"]
+    print(f"adapter parameters: {params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.3f} %)")
+    frozen = document["frozen_base"]
+    verdict = "n/a, nothing is frozen" if frozen["frozen_base_ok"] is None else frozen["frozen_base_ok"]
+    print(f"frozen base unchanged: {verdict} ({frozen['frozen_tensors']} tensors hashed)")
+    if lora["modules"]:
+        print(
+            f"LoRA modules: {lora['modules']}, mean effective rank {lora['mean_effective_rank']:.2f}, "
+            f"mean utilisation {lora['mean_rank_utilisation']:.3f}"
+        )
+    print(f"analysis: {out / 'analysis.json'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from loralab.experiments.report import find_groups, render, table
 
-    text = render(*table(find_groups(args.paths)), args.format)
-    print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    groups = find_groups(args.paths)
+    emit(render(*table(groups), args.format), args.out)
+    if args.plots is not None:
+        from loralab.experiments.curves import write_plots
+
+        files, notes = write_plots(groups, args.plots)
+        for line in [*notes, *(f"plot: {path}" for path in files)]:
+            print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from loralab.experiments.sweep import describe_plan, parse_seeds, plan_sweep, run_sweep, summary
+
+    overrides = [*args.set, *args.overrides]
+    runs = plan_sweep(args.config, overrides, args.grid, args.ablation, parse_seeds(args.seeds))
+    if args.dry_run:
+        print(describe_plan(runs), end="")
+        return 0
+    results = run_sweep(runs, args.config, args.jobs)
+    text, legend = summary(results, args.format)
+    for line in legend:
+        print(line, file=sys.stderr)
+    if text:
+        emit(text, args.out)
+    failed = [result for result in results if result.state == "failed"]
+    if failed:
+        print(f"loralab: {len(failed)} of {len(results)} runs failed:", file=sys.stderr)
+        for result in failed:
+            print(f"  {result.run.label} {result.run.name}: {result.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -280,6 +413,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return 0
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print `text` and, with --out, write it to that file too."""
+    print(text, end="")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 def print_results(metrics: dict[str, float], directory: Path, action: str) -> None:

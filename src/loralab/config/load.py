@@ -22,7 +22,7 @@ from loralab.config.schema import ADAPTER_OPTIONS, GRADIENT_OPTIONS, MethodConfi
 from loralab.errors import ConfigError, did_you_mean, unknown
 
 CONFIGS = resources.files("loralab") / "configs"
-HASH_EXCLUDED = ("seed", "io", "log")
+HASH_EXCLUDED = ("seed", "io", "log", "hpo")
 
 
 def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -88,6 +88,18 @@ def read_packaged(relative: str) -> dict:
 def packaged_experiment(name: str) -> Path:
     """Path of a packaged experiment config such as `quickstart`."""
     return Path(str(CONFIGS / "experiments" / f"{name}.yaml"))
+
+
+def schedule_names() -> list[str]:
+    """Names of the packaged HPO schedules (`hpo.schedule`): configs/schedules/*.yaml."""
+    return sorted(p.name.removesuffix(".yaml") for p in (CONFIGS / "schedules").iterdir() if p.name.endswith(".yaml"))
+
+
+def packaged_schedule(name: str) -> Path:
+    """Path of a packaged HPO schedule; an unknown name is a ConfigError."""
+    if name not in schedule_names():
+        raise ConfigError("hpo.schedule: " + unknown("schedule", name, schedule_names()))
+    return Path(str(CONFIGS / "schedules" / f"{name}.yaml"))
 
 
 def read_yaml_file(path: Path) -> dict:
@@ -296,6 +308,16 @@ def check_combinations(config: RunConfig) -> None:
         check_shake_align(config)
     if config.method.gradient.kind == "grit":
         check_grit(config)
+    check_hpo(config)
+
+
+def check_hpo(config: RunConfig) -> None:
+    """The hpo section: its schedule exists and its search space parses (experiments/hpo_space.py)."""
+    from loralab.experiments.hpo_space import check_hpo_section
+
+    if config.hpo.schedule is not None:
+        packaged_schedule(config.hpo.schedule)
+    check_hpo_section(config.hpo)
 
 
 def check_diffusion(config: RunConfig) -> None:

@@ -320,6 +320,67 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class LrGridConfig:
+    """A log grid of learning rates: `points` values 10^e for e evenly spaced in [min_exp, max_exp]."""
+
+    min_exp: float
+    max_exp: float
+    points: int = required(min=1)
+
+
+@dataclass(frozen=True)
+class HierarchicalConfig:
+    """hpo.mode=hierarchical: the baseline's lr first, then the method's knobs near it (specs/shake_align.md §6)."""
+
+    baseline_method: str
+    method: str
+    knobs: dict[str, Any] | None  # dotted key → candidates; None = SHAKE_ALIGN_KNOBS
+    lr_grid: LrGridConfig
+    warmup_grid: list[float]
+    epochs: list[float]  # stages s1, s2, s3
+    score_weights: list[float]  # s3 score: weights of the curve's best, final and mean value
+    baseline_lr_points: int = required(min=1)
+    lr_neighbor_points: int = required(min=1)
+    keep_s1: int = required(min=1)
+    combine_s2: int = required(min=1)
+    seeds_s3: int = required(min=1)
+
+
+SHAKE_ALIGN_KNOBS: dict[str, list[float]] = {
+    "method.gradient.lambda_n": [0.1, 0.2, 0.4, 0.8],
+    "method.gradient.lambda_o": [0.1, 0.2, 0.4, 0.8],
+    "method.gradient.eta": [0.05, 0.1, 0.2, 0.4],
+    "method.gradient.k": [2.0, 4.0, 8.0, 16.0],
+    "method.gradient.gamma_hi": [0.1, 0.3, 0.5, 1.0],
+}
+
+
+@dataclass(frozen=True)
+class HpoConfig:
+    """`loralab hpo`: an Optuna study over `space` (or the hierarchical stages); not part of the run hash."""
+
+    mode: Literal["single", "hierarchical"]
+    sampler: Literal["grid", "tpe", "random"]
+    pruner: Literal["none", "median", "hyperband"]
+    storage: str | None
+    study_name: str | None
+    schedule: str | None
+    metric: str | None
+    direction: Literal["maximize", "minimize"]
+    space: dict[str, Any]
+    seeds: list[int] | None
+    source_study: str | None
+    seed: int
+    hierarchical: HierarchicalConfig
+    top_k: int = required(min=0)
+    n_trials: int | None = required(min=1)
+    timeout: float | None = required(gt=0)
+    startup_trials: int = required(min=0)
+    heartbeat_interval: int = required(min=1)
+    grace_period: int | None = required(min=1)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int
     data_seed: int | None
@@ -331,6 +392,7 @@ class RunConfig:
     eval: EvalConfig
     io: IOConfig
     log: LogConfig
+    hpo: HpoConfig
 
     @property
     def effective_data_seed(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from loralab.adapters import Adapter, build_adapter
+from loralab.analysis.params import frozen_hash
 from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
 from loralab.data import TaskSpec, get_task, load_task
@@ -35,6 +37,21 @@ from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.seeding import seed_everything
 
 log = logging.getLogger("loralab")
+
+
+EvalCallback = Callable[[int, dict[str, float], bool], None]
+"""Called after each in-loop evaluation with (step, metrics, last): how an HPO trial reports its eval curve."""
+
+
+class StopRun(Exception):
+    """Raised by an `on_eval` callback to end a run after an evaluation (an HPO trial its pruner stopped).
+
+    status.json records `state` (default `pruned`), the step and the reason; the exception reaches the caller.
+    """
+
+    def __init__(self, reason: str = "", state: str = "pruned") -> None:
+        super().__init__(reason)
+        self.state = state
 
 
 @dataclass
@@ -78,8 +95,13 @@ class RunParts:
         return getattr(self.adapter, "split", None)
 
 
-def run_training(config: RunConfig, show_progress: bool | None = None) -> RunOutcome:
-    """Train (or resume, or skip) the run a config names and return its final evaluation."""
+def run_training(
+    config: RunConfig, show_progress: bool | None = None, on_eval: EvalCallback | None = None
+) -> RunOutcome:
+    """Train (or resume, or skip) the run a config names and return its final evaluation.
+
+    `on_eval(step, metrics, last)` runs after every evaluation inside the loop; it may raise StopRun.
+    """
     plan = plan_run(config)
     if plan.action == "skip":
         log.info("run already completed, reusing its results: %s", plan.directory)
@@ -88,7 +110,7 @@ def run_training(config: RunConfig, show_progress: bool | None = None) -> RunOut
     directory = plan.open()
     handler = attach_log_file(directory / "train.log")
     try:
-        return execute(config, parts, directory, plan.action, show_progress)
+        return execute(config, parts, directory, plan.action, show_progress, on_eval)
     finally:
         logging.getLogger("loralab").removeHandler(handler)
         handler.close()
@@ -141,7 +163,14 @@ def evaluate_model(config: RunConfig, head: str, model: nn.Module, tokenizer, sp
     )
 
 
-def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, show_progress: bool | None) -> RunOutcome:
+def execute(
+    config: RunConfig,
+    parts: RunParts,
+    directory: Path,
+    action: str,
+    show_progress: bool | None,
+    on_eval: EvalCallback | None = None,
+) -> RunOutcome:
     """Train from scratch or from the last checkpoint, then evaluate and save the adapter."""
     model, rule = parts.model, parts.rule
     accelerator = new_accelerator(config.train.mixed_precision)
@@ -165,12 +194,13 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
         state="running",
         started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         config_hash=config_hash(config),
+        frozen_sha256_start=frozen_hash(accelerator.unwrap_model(model)),  # end = start: the base did not change
         device=str(accelerator.device),
         total_steps=steps,
         **environment(),
     )
 
-    events = RunEvents(config, directory, parts, model, optimizer, scheduler, steps, show_progress)
+    events = RunEvents(config, directory, parts, model, optimizer, scheduler, steps, show_progress, on_eval)
     started = time.time()
     try:
         state = train(
@@ -187,8 +217,13 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
             events,
             config.log.every,
         )
+        # a resumed run whose last step was already checkpointed trains no step: evaluate before closing the logs
+        final = events.final or events.run_eval(state.step)
     except KeyboardInterrupt:
         write_status(directory, state="interrupted", step=state.step)
+        raise
+    except StopRun as stop:
+        write_status(directory, state=stop.state, step=state.step, reason=str(stop))
         raise
     except BaseException as exc:
         write_status(directory, state="failed", step=state.step, error=f"{type(exc).__name__}: {exc}")
@@ -196,7 +231,6 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
     finally:
         events.close()
 
-    final = events.final or events.run_eval(state.step)
     write_eval(directory, final)
     parts.adapter.save(accelerator.unwrap_model(model), directory / "adapter")
     if parts.spec.kind == "text" and config.method.adapter.kind == "full":
@@ -213,6 +247,7 @@ def execute(config: RunConfig, parts: RunParts, directory: Path, action: str, sh
         step_time_s=round(state.seconds / state.step, 4) if state.step else None,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
+        frozen_sha256_end=frozen_hash(accelerator.unwrap_model(model)),
     )
     return RunOutcome(directory, action, final.metrics)
 
@@ -240,8 +275,10 @@ class RunEvents:
         scheduler,
         steps: int,
         show_progress: bool | None,
+        on_eval: EvalCallback | None = None,
     ) -> None:
         self.config, self.directory, self.parts, self.model = config, directory, parts, model
+        self.on_eval = on_eval
         self.optimizer, self.scheduler = optimizer, scheduler
         self.csv = MetricsCSV(directory / "metrics.csv")
         self.diagnostics = RowsCSV(directory / f"{parts.rule.name}.csv")
@@ -266,6 +303,8 @@ class RunEvents:
             result = self.run_eval(state.step)
             if last:
                 self.final = result
+            if self.on_eval is not None:
+                self.on_eval(state.step, result.metrics, last)
         ckpt = train_cfg.checkpoint_every
         if last or (ckpt and state.step % ckpt == 0):
             save_checkpoint(
