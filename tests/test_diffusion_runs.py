@@ -108,7 +108,8 @@ def test_continued_pretraining_on_text_writes_a_model_that_later_runs_start_from
     name = "bert.encoder.layer.0.attention.self.query.weight"
     torch.testing.assert_close(dict(model.backbone.named_parameters())[name].detach(), trained[name])
     assert not model.head_parameters  # a pre-trained diffusion LM has its head
-    assert run_training(follow, show_progress=False).metrics["verbalizer_accuracy"] >= 0
+    head = "cls.predictions.transform.dense.weight"
+    torch.testing.assert_close(dict(model.backbone.named_parameters())[head].detach(), trained[head])
 
 
 @pytest.mark.parametrize(
