@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loralab.config.load import dotted_items
+
 log = logging.getLogger("loralab")
 CSV_FIELDS = ("step", "split", "metric", "value", "time")
 
@@ -127,15 +129,25 @@ class WandbTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
+    """MLflow with a SQLite store and an artifact folder inside the run dir: no server, nothing outside the run.
+
+    MLflow 3 refuses its file store by default (maintenance mode); a SQLite file is the local store it supports.
+    """
+
     name = "mlflow"
 
     def start(self, run_dir: Path, run_name: str, config: dict) -> None:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+        folder = (run_dir / "mlflow").resolve()
+        folder.mkdir(exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+        if mlflow.get_experiment_by_name("loralab") is None:
+            mlflow.create_experiment("loralab", artifact_location=(folder / "artifacts").as_uri())
+        mlflow.set_experiment("loralab")
         mlflow.start_run(run_name=run_name)
-        mlflow.log_dict(config, "config.json")
+        mlflow.log_params(dotted_items(config))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.mlflow.log_metrics(metrics, step=step)

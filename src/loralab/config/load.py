@@ -399,6 +399,17 @@ def join(path: str, key: str) -> str:
 # ---- hashing and serialisation --------------------------------------------------------------------
 
 
+def dotted_items(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys to its leaves (`train.lr`): the form of tables and tracker parameters."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_items(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_to_dict(config: RunConfig) -> dict:
     """The resolved config as plain data (what config.yaml holds)."""
     return dataclasses.asdict(config)

@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from loralab.analysis.plots import save_figure, width_for
+from loralab.config.load import dotted_items
 from loralab.experiments.report import Group
 from loralab.experiments.runs import slug
 from loralab.tracking import read_metrics
@@ -133,16 +134,6 @@ def pooled_band(rows: list[dict[int, list[float]]]) -> Band | None:
 # ---- labels --------------------------------------------------------------------------------------------------
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def short_key(key: str) -> str:
     """`method.adapter.r` → `r`; `model.name` → `model` (a bare `name` says nothing)."""
     parts = key.split(".")
@@ -151,7 +142,7 @@ def short_key(key: str) -> str:
 
 def config_differences(configs: list[dict]) -> list[str]:
     """For each config, `key=value` of the hashed keys whose values differ among them (the first few)."""
-    flat = [flatten(config) for config in configs]
+    flat = [dotted_items(config) for config in configs]
     keys = list(dict.fromkeys(key for f in flat for key in f if key != "seed" and not key.startswith(UNHASHED)))
     differing = [key for key in keys if len({repr(f.get(key)) for f in flat}) > 1]
     more = "…" if len(differing) > LABEL_KEYS else ""
