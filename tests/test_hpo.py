@@ -513,3 +513,27 @@ def test_two_workers_one_killed_still_run_exactly_n_trials(tmp_path):
     assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
     pids = {t.user_attrs[hpo_study.WORKER]["pid"] for t in trials}
     assert len(pids) >= 2 and process.pid not in pids
+
+
+def storage_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=hpo_study.open_storage(storage)).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_three_independent_workers_share_one_study_to_exactly_n_trials(tmp_path, kind):
+    """Three `loralab hpo` processes started at once (as three SLURM array tasks would be) on one study."""
+    storage = f"sqlite:///{tmp_path / 'hpo.db'}" if kind == "sqlite" else str(tmp_path / "hpo.log")
+    command = [*hpo_command(tmp_path, "three"), f"hpo.storage={storage}"]
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], [err[-1500:] for _, err in outputs]
+    trials = storage_trials(storage, "three")
+    done = completed(trials)
+    assert len(done) == 4 and distinct(done) == 4 and len(trials) == 4
+    assert sorted(p["train.lr"] for p in done) == [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4]
+    pids = {t.user_attrs[hpo_study.WORKER]["pid"] for t in trials}
+    assert len(pids) >= 2  # the trials were shared out, not run by whichever worker came first

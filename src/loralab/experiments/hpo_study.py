@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from loralab.config.load import load_config
@@ -51,6 +52,7 @@ log = logging.getLogger("loralab")
 
 POINT = "loralab:point"  # user attr: index of the trial's point in plan.points
 ERROR = "loralab:error"  # user attr: why the run failed (a finished, counted trial)
+SCHEMA_ATTEMPTS = 10
 WORKER = "loralab:worker"  # user attr: host, pid and process start time of the worker running it
 HEARTBEAT = "loralab:heartbeat"  # system attr: last heartbeat (journal storages, which have none of their own)
 SIGNATURE = "loralab:signature"  # study user attr: what the trials mean (config hash, space, metric, seeds)
@@ -128,9 +130,19 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             callback = "failed_trial_callback"
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period, callback: retry_callback()}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
+        return rdb_storage(url, engine, heartbeat)
     except Exception as exc:  # a malformed URL, a missing driver, an unreachable server
         raise ConfigError(f"hpo.storage {url!r} cannot be opened: {first_line(exc)}") from None
+
+
+def rdb_storage(url: str, engine: dict[str, Any], heartbeat: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage, retried while workers started together race to create a new database's tables."""
+    for attempt in range(SCHEMA_ATTEMPTS - 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
+        except sqlalchemy.exc.IntegrityError:
+            time.sleep(0.2 * (attempt + 1))
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
 
 
 def open_study(plan: StudyPlan, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
