@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from loralab.errors import LoraLabError
+from loralab.errors import ConfigError, LoraLabError
 
 EXIT_USAGE = 2
 GSM8K_PROFILES = ("lm-eval", "paper_math")
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("loralab").setLevel(logging.INFO)
     try:
+        check_launch(args.command)
         return args.handler(args)
     except LoraLabError as exc:
         print(f"loralab: error: {exc}", file=sys.stderr)
@@ -28,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loralab: interrupted", file=sys.stderr)
         return 130
+
+
+def check_launch(command: str) -> None:
+    """Under torchrun / accelerate launch only `train` runs: the processes of one launch share one run."""
+    from loralab import collectives
+
+    if collectives.launched() and command != "train":
+        raise ConfigError(
+            f"loralab {command} does not run under a multi-process launch (only train does); "
+            "sweeps and HPO studies scale by separate processes: --jobs, --workers, or launch slurm --array"
+        )
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, help="write the table here too")
     sweep.set_defaults(handler=cmd_sweep)
     add_hpo_command(commands)
+    add_launch_command(commands)
 
     score = commands.add_parser("score", help="re-score a predictions.jsonl file")
     score.add_argument("--task", required=True)
@@ -130,6 +143,72 @@ def cmd_hpo(args: argparse.Namespace) -> int:
     for result in unfinished:
         print(f"loralab: study {result.plan.name} is not finished; run the command again to continue", file=sys.stderr)
     return 1 if unfinished else 0
+
+
+def add_launch_command(commands) -> None:
+    """`launch slurm`: submit a loralab command through submitit; `launch local`: train data-parallel here."""
+    launch = commands.add_parser(
+        "launch", help="run a loralab command as SLURM jobs (sweeps and hpo workers as arrays) or data-parallel here"
+    )
+    targets = launch.add_subparsers(dest="target", required=True, parser_class=Parser)
+    slurm = targets.add_parser(
+        "slurm",
+        help="submit a command through submitit: loralab launch slurm [options] -- <loralab command>",
+        description="Submit `python -m loralab <command>` through submitit; preempted tasks are requeued and resume.",
+    )
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument(
+        "--gpus-per-node", type=int, default=0, metavar="G", help="default 0; a train over 2+ runs under accelerate"
+    )
+    slurm.add_argument("--nodes", type=int, default=1, metavar="N", help="default 1; above 1: one multi-node train")
+    slurm.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per task (also its OMP_NUM_THREADS)")
+    slurm.add_argument("--mem-gb", type=int, metavar="GB", help="memory per node")
+    slurm.add_argument("--time", type=int, default=240, metavar="MIN", help="minutes per task (default 240)")
+    slurm.add_argument(
+        "--array", action="store_true", help="sweep: an array task per run not completed; hpo: one per --workers"
+    )
+    slurm.add_argument("--max-parallel", type=int, metavar="K", help="array tasks at once (--array=0-N%%K)")
+    slurm.add_argument("--folder", default="runs/slurm/%j", help="submitit's scripts and logs (default runs/slurm/%%j)")
+    slurm.add_argument(
+        "--executor", choices=("slurm", "local"), default="slurm", help="local: submitit's LocalExecutor, waited for"
+    )
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script and each task's command")
+    slurm.add_argument("launched", nargs="*", metavar="-- COMMAND", help="the loralab command, after --")
+    slurm.set_defaults(handler=cmd_launch_slurm)
+    local = targets.add_parser(
+        "local",
+        help="train one run in N data-parallel processes on this machine (torchrun; gloo on CPU)",
+        description="Run `loralab train ...` in --procs processes through torchrun; see docs/parallel.md.",
+    )
+    local.add_argument("--procs", type=int, default=2, metavar="N", help="processes (default 2)")
+    local.add_argument("launched", nargs="*", metavar="-- COMMAND", help="the loralab train command, after --")
+    local.set_defaults(handler=cmd_launch_local)
+
+
+def cmd_launch_slurm(args: argparse.Namespace) -> int:
+    from loralab.experiments.launch import Resources, launch, plan_launch
+
+    limits = args.partition, args.gpus_per_node, args.nodes, args.cpus_per_task, args.mem_gb, args.time
+    resources = Resources(*limits, args.max_parallel)
+    plan = plan_launch(args.launched, parse_launched(args.launched), args.array, resources)
+    return launch(plan, resources, args.executor, args.folder, args.dry_run)
+
+
+def cmd_launch_local(args: argparse.Namespace) -> int:
+    from loralab.experiments.launch_local import launch_local
+
+    if parse_launched(args.launched).command != "train":
+        raise ConfigError(f"launch local runs train in data-parallel processes, not {args.launched[0]}")
+    return launch_local(args.procs, args.launched)
+
+
+def parse_launched(command: list[str]) -> argparse.Namespace:
+    """The launched command, parsed by loralab's own parser so that a typo fails now and not in the queue."""
+    if not command:
+        raise LoraLabError("launch: no loralab command after '--' (e.g. loralab launch local -- train ...)")
+    if command[0] == "launch":
+        raise LoraLabError("launch: the launched command cannot be launch itself")
+    return build_parser().parse_args(command)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -203,8 +282,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             "loralab: no arguments, running the offline quickstart (LoRA on MiniLM, synthetic/sentiment)",
             file=sys.stderr,
         )
+    from loralab import collectives
+
     outcome = run_training(resolve(args))
-    print_results(outcome.metrics, outcome.directory, outcome.action)
+    if collectives.is_main():  # under a multi-process launch every process returns the same outcome
+        print_results(outcome.metrics, outcome.directory, outcome.action)
     return 0
 
 

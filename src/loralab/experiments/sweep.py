@@ -254,11 +254,15 @@ def in_process(run: SweepRun, files: Sequence[str], jobs: int) -> dict[str, floa
     return run_training(run.config, show_progress=False).metrics
 
 
+def train_argv(run: SweepRun, files: Sequence[str]) -> list[str]:
+    """The `loralab train` arguments of one run: the sweep's config files, then the run's overrides as --set."""
+    return ["train", *(f"--config={file}" for file in files), *(f"--set={text}" for text in run.overrides)]
+
+
 def in_subprocess(run: SweepRun, files: Sequence[str], jobs: int) -> dict[str, float]:
     """Train one run as `python -m loralab train` in a fresh process, its output kept back; the first line of
     its error on failure."""
-    command = [sys.executable, "-m", "loralab", "train", *(f"--config={file}" for file in files)]
-    command += [f"--set={text}" for text in run.overrides]
+    command = [sys.executable, "-m", "loralab", *train_argv(run, files)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # N runs share the cores
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)

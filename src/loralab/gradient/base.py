@@ -35,6 +35,10 @@ class GradientRule(Protocol):
     def begin_step(self, examples: int) -> None:
         """A new optimizer step of `examples` examples starts; its micro-batches follow in order."""
 
+    def locate(self, row: int) -> None:
+        """The next micro-batch starts at `row` of the optimizer batch (processes of a data-parallel run each
+        take a part of every micro-batch, so the rows a process sees are not consecutive)."""
+
     def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:
         """Forward and backward one micro-batch; return the detached task loss."""
 
@@ -71,6 +75,9 @@ class RuleDefaults:
         return None
 
     def begin_step(self, examples: int) -> None:
+        return None
+
+    def locate(self, row: int) -> None:
         return None
 
     def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:

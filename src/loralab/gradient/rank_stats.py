@@ -3,6 +3,8 @@
 x is the LoRA layer's input (before dropout) and g = ∂L/∂y its output gradient; both are r×r and kept in
 float32, since Σ_g underflows in half precision while B ≈ 0. Only tokens whose attention mask is 1 count,
 unless padding is counted on purpose. Hooks exist only during a `recording` pass, so other steps pay nothing.
+Under data parallelism each recorded moment is summed over processes before it is folded in, so every process
+holds the statistics of the whole micro-batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from loralab import collectives
 from loralab.adapters.base import LoraView
 
 log = logging.getLogger("loralab")
@@ -48,6 +51,15 @@ class RunningCovariance:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value.copy_(state["value"])
         self.count = int(state["count"])
+
+
+def global_moment(values: Tensor) -> tuple[Tensor, int]:
+    """Σ_t v vᵀ and the token count over every process's part of the micro-batch (as one process would see it)."""
+    if collectives.world_size() == 1:
+        return values.T @ values, values.shape[0]
+    count = torch.tensor([values.shape[0]], dtype=values.dtype, device=values.device)
+    total = collectives.all_sum(torch.cat([(values.T @ values).reshape(-1), count]))
+    return total[:-1].view(values.shape[1], values.shape[1]), int(total[-1])
 
 
 class RankStatistics:
@@ -103,7 +115,7 @@ class RankStatistics:
             x, keep = (args[0] if args else kwargs["x"]), self.keep
             with torch.no_grad():
                 u = self.tokens(x.detach(), keep).float() @ view.A.detach().float().T
-                self.a[name].add(u.T @ u, u.shape[0])
+                self.a[name].add(*global_moment(u))
             output.register_hook(lambda gradient: self.add_gradient(name, view, gradient, keep))
 
         return hook
@@ -111,7 +123,7 @@ class RankStatistics:
     def add_gradient(self, name: str, view: LoraView, gradient: Tensor, keep: Tensor | None) -> None:
         with torch.no_grad():
             q = self.tokens(gradient, keep).float() @ view.B.detach().float()
-            self.g[name].add(q.T @ q, q.shape[0])
+            self.g[name].add(*global_moment(q))
 
     def state_dict(self) -> dict[str, Any]:
         return {

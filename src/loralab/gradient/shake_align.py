@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from loralab import collectives
 from loralab.adapters.base import LoraView
 from loralab.config.schema import HistoryOptions, ShakeAlignOptions, TriggerOptions
 from loralab.errors import ConfigError
@@ -207,6 +208,9 @@ class ShakeAlign(RuleDefaults):
         }
         self.seen = 0
 
+    def locate(self, row: int) -> None:
+        self.seen = row
+
     def pieces(self, rows: int) -> Pieces:
         """The windows the next `rows` examples of the batch fall into, as (window, start, end) in the micro-batch."""
         first, last = self.seen, self.seen + rows
@@ -253,6 +257,7 @@ class ShakeAlign(RuleDefaults):
     @torch.no_grad()
     def before_step(self, step: int) -> dict[str, float]:
         examples = self.windows[-1][1]
+        collectives.all_mean_([t for block in self.buffers.values() for t in (block.A, block.B)])  # global votes
         weights = torch.tensor([(end - start) / examples for start, end in self.windows], dtype=torch.float64)
         o = self.o
         votes = vote_matrix(len(self.windows), o.keep_single_votes, o.combine_votes, o.combine_size, o.combine_max)

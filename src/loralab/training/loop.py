@@ -5,6 +5,9 @@ One optimizer step = one batch of `train.batch_size` examples in `train.grad_acc
     → clip (before rule.before_step when rule.clip_first) → non-finite guard → optimizer.step → scheduler.step
     → rule.after_step
 then logging, evaluation and checkpoints through the `LoopEvents` the caller provides.
+
+Under data parallelism (P processes) every micro-batch is split into P consecutive parts, one per process, and
+the gradients are averaged once per step, after the last micro-batch (see `micro_batches`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from loralab import collectives
 from loralab.config.schema import TrainConfig
 from loralab.data.collate import collate
 from loralab.errors import LoraLabError
@@ -58,6 +62,52 @@ class BatchOrder:
         return self._permutation[position * self.batch_size : (position + 1) * self.batch_size].tolist()
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """This process's part of one micro-batch: its first row in the optimizer batch, its examples, its weight."""
+
+    start: int
+    indices: list[int]
+    weight: float
+
+
+def micro_batches(indices: list[int], micro_size: int, processes: int = 1, rank: int = 0) -> list[MicroBatch]:
+    """The micro-batches of `micro_size` consecutive examples of a batch, each cut into `processes` parts.
+
+    A part's weight is its share of the batch times `processes`, so the average over processes of the weighted
+    gradients is the batch gradient: P processes reproduce one process's micro-batches (and its gradient, for
+    losses that average over examples; token-averaged losses weight each part by its examples, as the micro-batches
+    of gradient accumulation already are).
+    """
+    parts = []
+    for first in range(0, len(indices), micro_size):
+        rows = len(indices[first : first + micro_size])
+        start, end = first + rows * rank // processes, first + rows * (rank + 1) // processes
+        parts.append(MicroBatch(start, indices[start:end], (end - start) * processes / len(indices)))
+    return parts
+
+
+def smallest_part(num_examples: int, batch_size: int, micro_size: int, processes: int) -> int:
+    """The fewest examples any process gets in any micro-batch of an epoch (0 means some process would idle)."""
+    batches = {min(batch_size, num_examples), num_examples % batch_size} - {0}  # a full batch, an epoch's last
+    micro = {size for b in batches for size in (min(micro_size, b), b % micro_size)} - {0}
+    return min(micro) // processes
+
+
+def average_gradients(parameters: list[nn.Parameter], loss: float, tokens: int) -> tuple[float, int]:
+    """Mean gradients, mean loss and total tokens over processes; a gradient no process has stays None."""
+    if collectives.world_size() == 1:
+        return loss, tokens
+    device = parameters[0].device
+    local = [loss, tokens] + [float(p.grad is not None) for p in parameters]
+    scalars = collectives.all_sum(torch.tensor(local, dtype=torch.float64, device=device))
+    for parameter, anywhere in zip(parameters, scalars[2:].tolist(), strict=True):
+        if anywhere and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    collectives.all_mean_([p.grad for p in parameters if p.grad is not None])
+    return float(scalars[0]) / collectives.world_size(), int(scalars[1])
+
+
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -92,6 +142,7 @@ def train(
     """Run optimizer steps from `state` until the step budget is spent; returns the final state."""
     steps = total_steps(cfg, order.steps_per_epoch)
     micro_size = cfg.batch_size // cfg.grad_accum
+    processes, rank = collectives.world_size(), collectives.rank()
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()
     while state.step < steps:
@@ -102,18 +153,20 @@ def train(
         if epoch_ended:
             state.epoch, state.position = state.epoch + 1, 0
 
-        # forward + backward per micro-batch, each weighted by its share of the batch
+        # forward + backward per micro-batch, each weighted by its share of the batch; one gradient sync per step
         loss_sum, tokens = 0.0, 0
         rule.begin_step(len(indices))
-        for start in range(0, len(indices), micro_size):
-            micro = [features[i] for i in indices[start : start + micro_size]]
-            batch = {k: v.to(accelerator.device) for k, v in collate(micro, pad_token_id).items()}
-            weight = len(micro) / len(indices)
-            loss = rule.compute_gradients(
-                model, batch, model_loss, lambda value, w=weight: accelerator.backward(value * w)
-            )
-            loss_sum += float(loss) * weight
-            tokens += int(batch["attention_mask"].sum())
+        with accelerator.no_sync(model):
+            for part in micro_batches(indices, micro_size, processes, rank):
+                micro = collate([features[i] for i in part.indices], pad_token_id)
+                batch = {k: v.to(accelerator.device) for k, v in micro.items()}
+                rule.locate(part.start)
+                loss = rule.compute_gradients(
+                    model, batch, model_loss, lambda value, w=part.weight: accelerator.backward(value * w)
+                )
+                loss_sum += float(loss) * part.weight
+                tokens += int(batch["attention_mask"].sum())
+        loss_sum, tokens = average_gradients(parameters, loss_sum, tokens)
 
         # the gradient rule edits .grad, then clip, step, schedule (clip first for rules that ask for it)
         if accelerator.scaler is not None:

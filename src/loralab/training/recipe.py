@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from loralab import collectives
 from loralab.adapters import Adapter, build_adapter
 from loralab.analysis.params import frozen_hash
 from loralab.config.load import config_hash, config_to_dict, dump_yaml
@@ -32,7 +34,7 @@ from loralab.models import load_model
 from loralab.progress import ProgressReporter
 from loralab.tracking import MetricsCSV, RowsCSV, Trackers
 from loralab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from loralab.training.loop import BatchOrder, TrainState, peak_memory_mb, total_steps, train
+from loralab.training.loop import BatchOrder, TrainState, peak_memory_mb, smallest_part, total_steps, train
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.seeding import seed_everything
 
@@ -102,18 +104,28 @@ def run_training(
 
     `on_eval(step, metrics, last)` runs after every evaluation inside the loop; it may raise StopRun.
     """
+    collectives.start()
     plan = plan_run(config)
     if plan.action == "skip":
         log.info("run already completed, reusing its results: %s", plan.directory)
-        return RunOutcome(plan.directory, "skip", json.loads((plan.directory / "eval.json").read_text())["metrics"])
+        return RunOutcome(plan.directory, "skip", stored_metrics(plan.directory))
     parts = prepare(config)  # everything that can fail on bad input, before the run directory is touched
+    collectives.barrier()  # every process has planned before the main one creates (or moves aside) the directory
+    if not collectives.is_main():
+        collectives.barrier()
+        return execute(config, parts, plan.directory, plan.action, False)
     directory = plan.open()
+    collectives.barrier()
     handler = attach_log_file(directory / "train.log")
     try:
         return execute(config, parts, directory, plan.action, show_progress, on_eval)
     finally:
         logging.getLogger("loralab").removeHandler(handler)
         handler.close()
+
+
+def stored_metrics(directory: Path) -> dict[str, float]:
+    return json.loads((directory / "eval.json").read_text())["metrics"]
 
 
 def prepare(config: RunConfig) -> RunParts:
@@ -142,7 +154,20 @@ def prepare(config: RunConfig) -> RunParts:
     else:
         encode = encode_sft if spec.kind == "generation" else encode_classification
         features = encode(task.train, tokenizer, config.task.max_length)
+    check_parallel(len(features), config.train)
     return RunParts(spec, head, task.eval[: config.eval.max_samples], model, tokenizer, adapter, rule, features)
+
+
+def check_parallel(num_examples: int, train_cfg) -> None:
+    """Refuse a data-parallel run in which some process would get no example of a micro-batch."""
+    processes = collectives.world_size()
+    micro_size = train_cfg.batch_size // train_cfg.grad_accum
+    if processes > 1 and smallest_part(num_examples, train_cfg.batch_size, micro_size, processes) == 0:
+        raise ConfigError(
+            f"{processes} processes need ≥ {processes} examples in every micro-batch, but train.batch_size="
+            f"{train_cfg.batch_size}, train.grad_accum={train_cfg.grad_accum} and {num_examples} training examples "
+            "leave a smaller one; change train.batch_size or task.train_samples"
+        )
 
 
 def evaluate_model(config: RunConfig, head: str, model: nn.Module, tokenizer, spec: TaskSpec, examples) -> EvalResult:
@@ -176,6 +201,7 @@ def execute(
     accelerator = new_accelerator(config.train.mixed_precision)
     optimizer = build_optimizer(model, config.train)
     model, optimizer = accelerator.prepare(model, optimizer)
+    base = accelerator.unwrap_model(model)  # without a data-parallel wrapper: evaluation, checkpoints, saving
     rule.bind_optimizer(optimizer)
     order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
     steps = total_steps(config.train, order.steps_per_epoch)
@@ -184,8 +210,12 @@ def execute(
     state = TrainState()
     checkpoints = list_checkpoints(directory / "checkpoints")
     if action == "resume" and checkpoints:
-        state = TrainState(**load_checkpoint(checkpoints[-1], model, optimizer, scheduler, rule))
+        state = TrainState(**load_checkpoint(checkpoints[-1], base, optimizer, scheduler, rule))
         log.info("resuming %s from %s", directory, checkpoints[-1].name)
+    if not collectives.is_main():  # the other processes train their parts and leave every file to the main one
+        train(*loop_arguments(config, parts, accelerator, model, optimizer, scheduler, state, order, Silent()))
+        collectives.barrier()
+        return RunOutcome(directory, action, stored_metrics(directory))
     for log_file in ("metrics.csv", f"{rule.name}.csv"):
         MetricsCSV.truncate_after(directory / log_file, state.step)
     (directory / "config.yaml").write_text(dump_yaml(config))
@@ -194,29 +224,17 @@ def execute(
         state="running",
         started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         config_hash=config_hash(config),
-        frozen_sha256_start=frozen_hash(accelerator.unwrap_model(model)),  # end = start: the base did not change
+        frozen_sha256_start=frozen_hash(base),  # end = start: the base did not change
         device=str(accelerator.device),
+        processes=collectives.world_size(),
         total_steps=steps,
         **environment(),
     )
 
-    events = RunEvents(config, directory, parts, model, optimizer, scheduler, steps, show_progress, on_eval)
+    events = RunEvents(config, directory, parts, base, optimizer, scheduler, steps, show_progress, on_eval)
     started = time.time()
     try:
-        state = train(
-            model,
-            parts.features,
-            rule,
-            config.train,
-            accelerator,
-            optimizer,
-            scheduler,
-            state,
-            order,
-            parts.tokenizer.pad_token_id,
-            events,
-            config.log.every,
-        )
+        state = train(*loop_arguments(config, parts, accelerator, model, optimizer, scheduler, state, order, events))
         # a resumed run whose last step was already checkpointed trains no step: evaluate before closing the logs
         final = events.final or events.run_eval(state.step)
     except KeyboardInterrupt:
@@ -232,9 +250,9 @@ def execute(
         events.close()
 
     write_eval(directory, final)
-    parts.adapter.save(accelerator.unwrap_model(model), directory / "adapter")
+    parts.adapter.save(base, directory / "adapter")
     if parts.spec.kind == "text" and config.method.adapter.kind == "full":
-        accelerator.unwrap_model(model).save_pretrained(directory / "model", parts.tokenizer)
+        base.save_pretrained(directory / "model", parts.tokenizer)
     rule.write_outputs(directory)
     write_status(
         directory,
@@ -247,9 +265,38 @@ def execute(
         step_time_s=round(state.seconds / state.step, 4) if state.step else None,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
-        frozen_sha256_end=frozen_hash(accelerator.unwrap_model(model)),
+        frozen_sha256_end=frozen_hash(base),
     )
+    collectives.barrier()
     return RunOutcome(directory, action, final.metrics)
+
+
+def loop_arguments(config: RunConfig, parts: RunParts, accelerator, model, optimizer, scheduler, state, order, events):
+    """`train`'s arguments for this run, in its order (every process runs the same loop)."""
+    return (
+        model,
+        parts.features,
+        parts.rule,
+        config.train,
+        accelerator,
+        optimizer,
+        scheduler,
+        state,
+        order,
+        parts.tokenizer.pad_token_id,
+        events,
+        config.log.every,
+    )
+
+
+class Silent:
+    """The loop events of a process that is not the main one: it logs, evaluates and checkpoints nothing."""
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        return None
+
+    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
+        return None
 
 
 def new_accelerator(mixed_precision: str) -> Accelerator:
@@ -259,7 +306,13 @@ def new_accelerator(mixed_precision: str) -> Accelerator:
     reset first; the distributed set-up (PartialState) is kept.
     """
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=collectives.cpu_only(),
+        # the loop syncs gradients itself, once per step; DDP's per-forward buffer broadcast would be a collective
+        # in every forward (and a deadlock when only the main process evaluates)
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
 
 
 class RunEvents:
