@@ -43,14 +43,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from loralab.analysis.plots import save_figure, width_for
-from loralab.config.load import dotted_items
+from loralab.config.load import HASH_EXCLUDED, dotted_items
 from loralab.experiments.report import Group
 from loralab.experiments.runs import slug
 from loralab.tracking import read_metrics
 
 SHAKE_C2 = ("C_r", "C_R", "A_b")
 LABEL_KEYS = 3  # config differences shown in a legend label
-UNHASHED = ("io.", "log.")  # and the top-level seed
+UNHASHED = tuple(f"{section}." for section in HASH_EXCLUDED)  # the config hash's own exclusions (and `seed`)
 BLOCK = re.compile(r"\.(\d+)\.")  # a numbered block in a module name (no torch import for it)
 
 
