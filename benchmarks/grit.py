@@ -4,8 +4,9 @@ Three sides on loralab's own loop, each from the same seed with the GRIT preset'
 alpha 32, dropout 0.05 on every linear layer) and AdamW: no rule, GRIT at the default frequencies with its
 default adaptive schedule (periods move with the loss), and GRIT with fixed periods (`adaptive: false`). GRIT's
 work is periodic (Σ_a, Σ_g every 15th backward, inverses and reprojection every 50 steps), so the table compares
-mean step times, and the default block of 150 steps holds whole periods of the fixed schedule. Blocks alternate
-between the sides so drift hits all equally.
+mean step times over a multiple of 150 timed steps per side (rounds × steps), which holds whole periods of the
+fixed schedule. Blocks alternate between the sides so drift hits all equally: shorter blocks and more rounds
+follow a drifting machine more closely.
 
 Then each part of GRIT is timed on its own, on the same batch with the adaptive side's model and rule as
 training left them: the covariance hooks (a forward+backward under `stats.recording` minus a plain one), the
@@ -13,7 +14,7 @@ regularizer's own forward and backward (a difference of two whole backwards woul
 preconditioning (`before_step`), the inversion and the reprojection; per call and amortized over the default
 periods.
 
-    python benchmarks/grit.py [--model minilm] [--batch 16] [--length 128] [--steps 150] [--rounds 3]
+    python benchmarks/grit.py [--model minilm] [--batch 16] [--length 128] [--steps 150] [--rounds 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import Run, alternate, loop_side, print_markdown, synthetic_features
+from common import (
+    Run,
+    Target,
+    add_output_arguments,
+    alternate,
+    comparison,
+    finish,
+    loop_side,
+    print_markdown,
+    synthetic_features,
+)
 from loralab.adapters import build_adapter
 from loralab.config import RunConfig, load_config
 from loralab.data.collate import collate
@@ -137,26 +148,17 @@ def part_costs(model: nn.Module, rule: Grit, batch: dict, repeats: int) -> dict[
     }
 
 
-def print_step_table(times: dict[str, list[float]], base: float) -> None:
-    """Mean, median and max step time per side, and the ratio of its mean to LoRA's mean `base`."""
-    rows = []
-    for name, values in times.items():
-        mean = statistics.fmean(values)
-        cells = (f"{v * 1e3:.3f}" for v in (mean, statistics.median(values), max(values)))
-        rows.append([name, *cells, f"{mean / base:.3f}"])
-    print_markdown(["side", "mean ms", "median ms", "max ms", f"mean ratio to {LORA}"], rows)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", choices=sorted(HEADS), help="minilm (pretrained, bundled)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=150, help="steps per block (150: whole periods of 15 and 50)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating blocks per side")
+    parser.add_argument("--steps", type=int, default=150, help="steps per block")
+    parser.add_argument("--rounds", type=int, default=3, help="blocks per side (rounds × steps: a multiple of 150)")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps per side (50: inverses exist)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per part of GRIT")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add_output_arguments(parser)
     return parser.parse_args()
 
 
@@ -173,7 +175,7 @@ def main() -> None:
     times = alternate({name: side.run for name, side in sides.items()}, args.warmup, args.rounds, args.steps)
 
     adapter, options = configs[LORA].method.adapter, configs[FIXED].method.gradient
-    print(
+    setup = (
         f"{args.model} ({head}) on {args.device}, batch {args.batch} x {args.length} tokens, LoRA r {adapter.r} "
         f"alpha {adapter.alpha} on {adapter.target_modules}, AdamW; {args.rounds} x {args.steps} steps per side "
         f"after {args.warmup} warm-up, torch {torch.__version__}, {torch.get_num_threads()} threads. GRIT at the "
@@ -181,10 +183,10 @@ def main() -> None:
         f" and reprojection every {options.reprojection_freq} steps); '{ADAPTIVE}' keeps the default adaptive "
         f"schedule, '{FIXED}' sets adaptive: false. Mean over every timed step, periodic work included."
     )
-    for name in (ADAPTIVE, FIXED):
-        print(f"{name}: {sides[name].schedule(args.warmup)}")
+    targets = {ADAPTIVE: Target("<=", 1.15), FIXED: Target("<=", 1.15)}
+    step = comparison("GRIT vs a LoRA step, whole periods", "ms", times, LORA, targets, statistic="mean")
+    finish(args, setup, [step], [f"{name}: {sides[name].schedule(args.warmup)}" for name in (ADAPTIVE, FIXED)])
     base = statistics.fmean(times[LORA])
-    print_step_table(times, base)
 
     grit = sides[ADAPTIVE]
     batch = {k: v.to(args.device) for k, v in collate(features[: args.batch], tokenizer.pad_token_id).items()}

@@ -7,6 +7,7 @@ samples_per_vote votes. Every side starts from the same seed. Blocks of steps al
 drift hits all equally; the table gives median/min/max step time and the ratio of medians to plain dual-rank.
 
     python benchmarks/votes.py [--model minilm] [--batch 32] [--spv 8] [--length 128] [--steps 20] [--rounds 3]
+                               [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import argparse
 
 import torch
 
-from common import Run, alternate, loop_side, print_table, synthetic_features
+from common import Run, Target, add_output_arguments, alternate, comparison, finish, loop_side, synthetic_features
 from loralab.adapters import build_adapter
 from loralab.config import RunConfig, load_config
 from loralab.gradient import build_rule
 from loralab.models import load_model
 
-PLAIN = "plain dual-rank"
+PLAIN, VECTORIZED, MICROBATCH = "plain dual-rank", "votes, vectorized", "votes, microbatch"
 
 
 def side_overrides(samples_per_vote: int) -> dict[str, list[str]]:
@@ -29,8 +30,8 @@ def side_overrides(samples_per_vote: int) -> dict[str, list[str]]:
     votes = f"method.gradient.samples_per_vote={samples_per_vote}"
     return {
         PLAIN: ["method.gradient.kind=none"],
-        "votes, vectorized": ["method.gradient.route=vectorized", votes],
-        "votes, microbatch": ["method.gradient.route=microbatch", votes],
+        VECTORIZED: ["method.gradient.route=vectorized", votes],
+        MICROBATCH: ["method.gradient.route=microbatch", votes],
     }
 
 
@@ -54,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="steps per block")
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks per side")
     parser.add_argument("--warmup", type=int, default=3)
+    add_output_arguments(parser)
     return parser.parse_args()
 
 
@@ -74,13 +76,14 @@ def main() -> None:
     times = alternate(runs, args.warmup, args.rounds, args.steps)
 
     adapter = configs[PLAIN].method.adapter
-    print(
+    setup = (
         f"{args.model}, batch {args.batch} x {args.length} tokens, dual-rank r {adapter.r} / R {adapter.R} on "
         f"{adapter.target_modules}, V = {-(-args.batch // args.spv)} votes of {args.spv}, {args.rounds} x "
         f"{args.steps} steps per side after {args.warmup} warm-up, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print_table(times, PLAIN)
+    targets = {VECTORIZED: Target("<=", 1.15)}
+    finish(args, setup, [comparison("Shake-to-Align vs a plain dual-rank LoRA step", "ms", times, PLAIN, targets)])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,20 @@ def global_moment(values: Tensor) -> tuple[Tensor, int]:
     return total[:-1].view(values.shape[1], values.shape[1]), int(total[-1])
 
 
+@dataclass(frozen=True)
+class KeptTokens:
+    """A recorded micro-batch's attention mask ([batch, tokens], bool) and the flat indices of its ones, found once
+    per recording rather than by a boolean selection (a device sync on a GPU) in every hook."""
+
+    mask: Tensor
+    rows: Tensor
+
+    @classmethod
+    def of(cls, attention_mask: Tensor) -> KeptTokens:
+        mask = attention_mask.bool()
+        return cls(mask, mask.reshape(-1).nonzero().squeeze(1))
+
+
 class RankStatistics:
     """Σ_a and Σ_g of every LoRA module; `recording(mask)` adds one forward/backward's tokens to them."""
 
@@ -70,14 +85,14 @@ class RankStatistics:
         self.a = {n: RunningCovariance(v.A.shape[0], v.A.device, ema) for n, v in views.items()}
         self.g = {n: RunningCovariance(v.A.shape[0], v.A.device, ema) for n, v in views.items()}
         self.version = 0  # bumped by every recording, so cached functions of Σ know when to refresh
-        self.keep: Tensor | None = None
+        self.keep: KeptTokens | None = None
         self.seen: set[str] = set()
         self.warned = False
 
     @contextmanager
     def recording(self, attention_mask: Tensor | None) -> Iterator[None]:
         """Hooks on every LoRA layer for the forward and backward run inside this block."""
-        self.keep = None if self.count_padding or attention_mask is None else attention_mask.bool()
+        self.keep = None if self.count_padding or attention_mask is None else KeptTokens.of(attention_mask)
         self.seen = set()
         handles = [
             view.module.register_forward_hook(self.forward_hook(name, view), with_kwargs=True)
@@ -91,20 +106,20 @@ class RankStatistics:
             self.keep = None
             self.version += 1
 
-    def tokens(self, values: Tensor, keep: Tensor | None) -> Tensor:
+    def tokens(self, values: Tensor, keep: KeptTokens | None) -> Tensor:
         """The rows of a [..., d] activation that count: all, or those under attention mask 1 ([batch, tokens]).
 
         A layer that sees one row per example (a pooler on the first token) counts every row.
         """
         rows = values.reshape(-1, values.shape[-1])
-        if keep is None or rows.shape[0] == keep.shape[0]:
+        if keep is None or rows.shape[0] == keep.mask.shape[0]:
             return rows
-        if keep.numel() != rows.shape[0]:
+        if keep.mask.numel() != rows.shape[0]:
             if not self.warned:
                 log.warning("GRIT: LoRA activations do not line up with the attention mask; counting every token")
                 self.warned = True
             return rows
-        return rows[keep.reshape(-1)]
+        return rows.index_select(0, keep.rows)
 
     def forward_hook(self, name: str, view: LoraView) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
@@ -120,7 +135,7 @@ class RankStatistics:
 
         return hook
 
-    def add_gradient(self, name: str, view: LoraView, gradient: Tensor, keep: Tensor | None) -> None:
+    def add_gradient(self, name: str, view: LoraView, gradient: Tensor, keep: KeptTokens | None) -> None:
         with torch.no_grad():
             q = self.tokens(gradient, keep).float() @ view.B.detach().float()
             self.g[name].add(*global_moment(q))

@@ -203,10 +203,18 @@ class ShakeAlign(RuleDefaults):
 
     def begin_step(self, examples: int) -> None:
         self.windows = vote_windows(examples, self.o.samples_per_vote, self.o.allow_tail)
-        self.buffers = {
-            name: BlockVotes.zeros(len(self.windows), view.A, view.B, view.split) for name, view in self.views.items()
-        }
+        self.buffers = self.zeroed_buffers(len(self.windows))
         self.seen = 0
+
+    def zeroed_buffers(self, windows: int) -> dict[str, BlockVotes]:
+        """Zeroed vote buffers for `windows` windows: the last step's, zeroed in place, when the count is the same
+        (nothing outlives a step in them; allocating V copies of every block's A and B each step cost more)."""
+        if self.buffers.keys() != self.views.keys() or any(b.A.shape[0] != windows for b in self.buffers.values()):
+            return {name: BlockVotes.zeros(windows, view.A, view.B, view.split) for name, view in self.views.items()}
+        for block in self.buffers.values():
+            block.A.zero_()
+            block.B.zero_()
+        return self.buffers
 
     def locate(self, row: int) -> None:
         self.seen = row

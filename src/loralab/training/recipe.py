@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,15 @@ from loralab.models import load_model
 from loralab.progress import ProgressReporter
 from loralab.tracking import MetricsCSV, RowsCSV, Trackers
 from loralab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from loralab.training.loop import BatchOrder, TrainState, peak_memory_mb, smallest_part, total_steps, train
+from loralab.training.loop import (
+    BatchOrder,
+    TrainState,
+    peak_memory_mb,
+    prepare_for_loop,
+    smallest_part,
+    total_steps,
+    train,
+)
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.seeding import seed_everything
 
@@ -159,7 +168,14 @@ def prepare(config: RunConfig) -> RunParts:
 
 
 def check_parallel(num_examples: int, train_cfg) -> None:
-    """Refuse a data-parallel run in which some process would get no example of a micro-batch."""
+    """Refuse a sharded launch (not supported yet) and a data-parallel run in which some process would get no
+    example of a micro-batch."""
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+    if sharded:
+        raise ConfigError(
+            f"{sharded[0]} is not supported yet: the loop averages whole gradients itself (docs/parallel.md); "
+            "launch with a DDP accelerate config, torchrun or loralab launch local"
+        )
     processes = collectives.world_size()
     micro_size = train_cfg.batch_size // train_cfg.grad_accum
     if processes > 1 and smallest_part(num_examples, train_cfg.batch_size, micro_size, processes) == 0:
@@ -200,7 +216,7 @@ def execute(
     model, rule = parts.model, parts.rule
     accelerator = new_accelerator(config.train.mixed_precision)
     optimizer = build_optimizer(model, config.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_for_loop(accelerator, model, optimizer)
     base = accelerator.unwrap_model(model)  # without a data-parallel wrapper: evaluation, checkpoints, saving
     rule.bind_optimizer(optimizer)
     order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
