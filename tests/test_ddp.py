@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,6 +101,20 @@ def test_two_processes_train_the_adapter_of_one(tmp_path, method):
         assert max(triggered) > 0  # corrections ran, so the gathered votes decided them
 
 
+def test_accelerate_launch_runs_the_same_data_parallel_path(tmp_path):
+    """`accelerate launch --multi_gpu` on a machine without GPUs: loralab asks accelerate for gloo on CPU."""
+    single, double = overrides(tmp_path / "one", "baseline"), overrides(tmp_path / "two", "baseline")
+    assert train(1, single) == 0
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2"]
+    settings = ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "loralab", "train"]
+    sets = [token for value in double for token in ("--set", value)]
+    done = subprocess.run([*launcher, *settings, *sets], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = run_dir_for(load_config([], double))
+    assert json.loads((two / "status.json").read_text())["processes"] == 2
+    assert max_difference(adapter(run_dir_for(load_config([], single))), adapter(two)) <= 1e-5
+
+
 def test_a_killed_two_process_run_resumes_to_the_same_adapter(tmp_path):
     arguments = overrides(tmp_path, "grit", "train.checkpoint_every=3", "train.keep_last=2")
     assert train(2, arguments) == 0
@@ -139,3 +155,13 @@ def test_a_batch_too_small_for_the_processes_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"2 processes need ≥ 2 examples in every micro-batch"):
         recipe.check_parallel(33, config.train)
     recipe.check_parallel(32, config.train)
+
+
+def test_an_fsdp_accelerate_launch_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main(["train", "--set", f"io.root={tmp_path}", *[t for v in TINY for t in ("--set", v)]]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "loralab: error: FSDP is not supported yet: the loop averages whole gradients itself (docs/parallel.md); "
+        "launch with a DDP accelerate config, torchrun or loralab launch local"
+    ]
+    assert not any(tmp_path.iterdir())  # refused before the run directory exists

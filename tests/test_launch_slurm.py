@@ -17,15 +17,8 @@ from submitit.helpers import DelayedSubmission
 from loralab.cli import build_parser, main
 from loralab.config import load_config
 from loralab.experiments.launch import Node, Resources, plan_launch
+from test_sweep import TINY
 
-TINY = [
-    "model.name=tiny-bert",
-    "task.name=synthetic/sentiment",
-    "task.train_samples=32",
-    "task.eval_samples=16",
-    "train.batch_size=8",
-    "train.max_steps=3",
-]
 GRID = ["--grid", "method.adapter.r=4,8", "--seeds", "42,1337"]
 POINTS = [("4", "42"), ("4", "1337"), ("8", "42"), ("8", "1337")]  # the sweep's order: grid values, seeds fastest
 OPTIONS = ["--partition", "gpu", "--gpus-per-node", "1", "--nodes", "1", "--time", "30", "--cpus-per-task", "4"]
