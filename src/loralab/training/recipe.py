@@ -228,8 +228,27 @@ def execute(
     if action == "resume" and checkpoints:
         state = TrainState(**load_checkpoint(checkpoints[-1], base, optimizer, scheduler, rule))
         log.info("resuming %s from %s", directory, checkpoints[-1].name)
+
+    def run_loop(events) -> TrainState:
+        """The same loop in every process; only the events differ (the main process logs, evaluates, saves)."""
+        pad = parts.tokenizer.pad_token_id
+        return train(
+            model,
+            parts.features,
+            rule,
+            config.train,
+            accelerator,
+            optimizer,
+            scheduler,
+            state,
+            order,
+            pad,
+            events,
+            config.log.every,
+        )
+
     if not collectives.is_main():  # the other processes train their parts and leave every file to the main one
-        train(*loop_arguments(config, parts, accelerator, model, optimizer, scheduler, state, order, Silent()))
+        run_loop(Silent())
         collectives.barrier()
         return RunOutcome(directory, action, stored_metrics(directory))
     for log_file in ("metrics.csv", f"{rule.name}.csv"):
@@ -250,7 +269,7 @@ def execute(
     events = RunEvents(config, directory, parts, base, optimizer, scheduler, steps, show_progress, on_eval)
     started = time.time()
     try:
-        state = train(*loop_arguments(config, parts, accelerator, model, optimizer, scheduler, state, order, events))
+        state = run_loop(events)
         # a resumed run whose last step was already checkpointed trains no step: evaluate before closing the logs
         final = events.final or events.run_eval(state.step)
     except KeyboardInterrupt:
@@ -285,24 +304,6 @@ def execute(
     )
     collectives.barrier()
     return RunOutcome(directory, action, final.metrics)
-
-
-def loop_arguments(config: RunConfig, parts: RunParts, accelerator, model, optimizer, scheduler, state, order, events):
-    """`train`'s arguments for this run, in its order (every process runs the same loop)."""
-    return (
-        model,
-        parts.features,
-        parts.rule,
-        config.train,
-        accelerator,
-        optimizer,
-        scheduler,
-        state,
-        order,
-        parts.tokenizer.pad_token_id,
-        events,
-        config.log.every,
-    )
 
 
 class Silent:
