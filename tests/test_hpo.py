@@ -447,6 +447,10 @@ def hpo_command(tmp_path: Path, study: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "loralab", "hpo", *tiny(tmp_path, study), "hpo.sampler=grid", LR_GRID, *extra]
 
 
+# trials long enough (a few seconds each) that a kill lands while one runs, however fast the machine
+SLOW_TRIALS = ("--set", "train.max_steps=40")
+
+
 def wait_for(tmp_path: Path, study: str, ready, process: subprocess.Popen, timeout: float = 180):
     """Poll the study until `ready(trials)` returns something, while the process lives."""
     deadline = time.monotonic() + timeout
@@ -478,7 +482,7 @@ def check_exactly_four(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTr
 
 @pytest.mark.slow
 def test_a_killed_study_resumes_to_exactly_n_trials(tmp_path):
-    command = hpo_command(tmp_path, "kill", "--n-trials", "4")
+    command = hpo_command(tmp_path, "kill", "--n-trials", "4", *SLOW_TRIALS)
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     victim = wait_for(tmp_path, "kill", running_after_one_complete, process)
     process.send_signal(signal.SIGKILL)
@@ -497,7 +501,7 @@ def test_a_killed_study_resumes_to_exactly_n_trials(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_one_killed_still_run_exactly_n_trials(tmp_path):
-    command = hpo_command(tmp_path, "workers", "--workers", "2")
+    command = hpo_command(tmp_path, "workers", "--workers", "2", *SLOW_TRIALS)
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def a_worker_trial(trials):
