@@ -443,12 +443,21 @@ def test_hierarchical_end_to_end_on_tiny_bert(tmp_path):
 # ---- killed processes -------------------------------------------------------------------------------------
 
 
-def hpo_command(tmp_path: Path, study: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "loralab", "hpo", *tiny(tmp_path, study), "hpo.sampler=grid", LR_GRID, *extra]
-
-
-# trials long enough (a few seconds each) that a kill lands while one runs, however fast the machine
-SLOW_TRIALS = ("--set", "train.max_steps=40")
+def hpo_command(tmp_path: Path, study: str, *extra: str, steps: int = 2) -> list[str]:
+    """The grid study as a process; `steps` long enough (200: seconds a trial) lets a kill land while one runs."""
+    # bare overrides apply in order, after any --set one, so this one replaces tiny()'s train.max_steps
+    steps_override = f"train.max_steps={steps}"
+    return [
+        sys.executable,
+        "-m",
+        "loralab",
+        "hpo",
+        *tiny(tmp_path, study),
+        "hpo.sampler=grid",
+        LR_GRID,
+        steps_override,
+        *extra,
+    ]
 
 
 def wait_for(tmp_path: Path, study: str, ready, process: subprocess.Popen, timeout: float = 180):
@@ -482,7 +491,7 @@ def check_exactly_four(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTr
 
 @pytest.mark.slow
 def test_a_killed_study_resumes_to_exactly_n_trials(tmp_path):
-    command = hpo_command(tmp_path, "kill", "--n-trials", "4", *SLOW_TRIALS)
+    command = hpo_command(tmp_path, "kill", "--n-trials", "4", steps=200)
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     victim = wait_for(tmp_path, "kill", running_after_one_complete, process)
     process.send_signal(signal.SIGKILL)
@@ -501,7 +510,7 @@ def test_a_killed_study_resumes_to_exactly_n_trials(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_one_killed_still_run_exactly_n_trials(tmp_path):
-    command = hpo_command(tmp_path, "workers", "--workers", "2", *SLOW_TRIALS)
+    command = hpo_command(tmp_path, "workers", "--workers", "2", steps=200)
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def a_worker_trial(trials):
