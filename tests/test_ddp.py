@@ -157,11 +157,11 @@ def test_a_batch_too_small_for_the_processes_is_refused(monkeypatch):
     recipe.check_parallel(32, config.train)
 
 
-def test_an_fsdp_accelerate_launch_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+def test_a_deepspeed_accelerate_launch_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert main(["train", "--set", f"io.root={tmp_path}", *[t for v in TINY for t in ("--set", v)]]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "loralab: error: FSDP is not supported yet: the loop averages whole gradients itself (docs/parallel.md); "
-        "launch with a DDP accelerate config, torchrun or loralab launch local"
+        "loralab: error: DeepSpeed is not supported: launch with an FSDP or DDP accelerate config, torchrun or "
+        "loralab launch local"
     ]
     assert not any(tmp_path.iterdir())  # refused before the run directory exists

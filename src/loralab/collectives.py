@@ -68,3 +68,10 @@ def all_mean_(tensors: list[Tensor]) -> None:
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
+
+
+def broadcast_(tensors: list[Tensor]) -> None:
+    """Overwrite tensors in place with the main process's (exactly, in their own dtypes)."""
+    if world_size() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from loralab.training.loop import (
 )
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.seeding import seed_everything
+from loralab.training.sharding import ShardingPlan, prepare_sharded, read_plan, refuse_unshardable, shard_hash
 
 log = logging.getLogger("loralab")
 
@@ -99,6 +99,7 @@ class RunParts:
     adapter: Adapter
     rule: GradientRule
     features: list[dict]
+    sharding: ShardingPlan | None = None  # under an accelerate FSDP launch of several processes
 
     @property
     def split(self) -> int | None:
@@ -148,6 +149,10 @@ def prepare(config: RunConfig) -> RunParts:
         build_diffusion_adapter(config.method.adapter) if diffusion else build_adapter(config.method.adapter, head)
     )
     rule = build_rule(config.method.gradient)
+    sharding = read_plan()  # refuses DeepSpeed and FSDP settings it cannot honour, in any number of processes
+    if sharding is not None:
+        refuse_unshardable(config.method)
+        sharding = sharding if collectives.world_size() > 1 else None  # one process has nothing to shard over
     seed_everything(config.seed, config.train.deterministic)
     task = load_task(config.task)
     if diffusion:
@@ -164,18 +169,12 @@ def prepare(config: RunConfig) -> RunParts:
         encode = encode_sft if spec.kind == "generation" else encode_classification
         features = encode(task.train, tokenizer, config.task.max_length)
     check_parallel(len(features), config.train)
-    return RunParts(spec, head, task.eval[: config.eval.max_samples], model, tokenizer, adapter, rule, features)
+    eval_examples = task.eval[: config.eval.max_samples]
+    return RunParts(spec, head, eval_examples, model, tokenizer, adapter, rule, features, sharding)
 
 
 def check_parallel(num_examples: int, train_cfg) -> None:
-    """Refuse a sharded launch (not supported yet) and a data-parallel run in which some process would get no
-    example of a micro-batch."""
-    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
-    if sharded:
-        raise ConfigError(
-            f"{sharded[0]} is not supported yet: the loop averages whole gradients itself (docs/parallel.md); "
-            "launch with a DDP accelerate config, torchrun or loralab launch local"
-        )
+    """Refuse a data-parallel run in which some process would get no example of a micro-batch."""
     processes = collectives.world_size()
     micro_size = train_cfg.batch_size // train_cfg.grad_accum
     if processes > 1 and smallest_part(num_examples, train_cfg.batch_size, micro_size, processes) == 0:
@@ -216,7 +215,12 @@ def execute(
     model, rule = parts.model, parts.rule
     accelerator = new_accelerator(config.train.mixed_precision)
     optimizer = build_optimizer(model, config.train)
-    model, optimizer = prepare_for_loop(accelerator, model, optimizer)
+    if parts.sharding is not None:
+        model, optimizer = prepare_sharded(accelerator, model, optimizer, parts.sharding)
+    else:
+        model, optimizer = prepare_for_loop(accelerator, model, optimizer)
+    # a sharded base is hashed by the main process's shards: a full tensor would take every process
+    hash_frozen = frozen_hash if parts.sharding is None else shard_hash
     base = accelerator.unwrap_model(model)  # without a data-parallel wrapper: evaluation, checkpoints, saving
     rule.bind_optimizer(optimizer)
     order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
@@ -248,7 +252,11 @@ def execute(
         )
 
     if not collectives.is_main():  # the other processes train their parts and leave every file to the main one
-        run_loop(Silent())
+        # a sharded base needs every process in each forward pass: they evaluate alongside the main one
+        follower = Follower(config, parts, base) if parts.sharding is not None else Silent()
+        run_loop(follower)
+        if isinstance(follower, Follower) and not follower.evaluated_last:
+            follower.evaluate()
         collectives.barrier()
         return RunOutcome(directory, action, stored_metrics(directory))
     for log_file in ("metrics.csv", f"{rule.name}.csv"):
@@ -259,9 +267,10 @@ def execute(
         state="running",
         started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         config_hash=config_hash(config),
-        frozen_sha256_start=frozen_hash(base),  # end = start: the base did not change
+        frozen_sha256_start=hash_frozen(base),  # end = start: the base did not change
         device=str(accelerator.device),
         processes=collectives.world_size(),
+        fsdp=parts.sharding is not None,  # the frozen base sharded over the processes
         total_steps=steps,
         **environment(),
     )
@@ -300,7 +309,7 @@ def execute(
         step_time_s=round(state.seconds / state.step, 4) if state.step else None,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
-        frozen_sha256_end=frozen_hash(base),
+        frozen_sha256_end=hash_frozen(base),
     )
     collectives.barrier()
     return RunOutcome(directory, action, final.metrics)
@@ -314,6 +323,38 @@ class Silent:
 
     def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
         return None
+
+
+class Follower(Silent):
+    """A process that is not the main one under FSDP: it runs each evaluation the main one runs, and keeps nothing."""
+
+    def __init__(self, config: RunConfig, parts: RunParts, model: nn.Module) -> None:
+        self.config, self.parts, self.model = config, parts, model
+        self.evaluated_last = False
+
+    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
+        if eval_due(self.config.train, state, epoch_ended, last):
+            self.evaluate()
+            self.evaluated_last = last
+
+    def evaluate(self) -> None:
+        run_evaluation(self.config, self.parts, self.model)
+
+
+def eval_due(train_cfg, state: TrainState, epoch_ended: bool, last: bool) -> bool:
+    """Whether the loop evaluates after this step: the last one, every `eval_every`, each epoch if asked."""
+    every = train_cfg.eval_every
+    return last or bool(every and state.step % every == 0) or (epoch_ended and train_cfg.eval_each_epoch)
+
+
+def run_evaluation(config: RunConfig, parts: RunParts, model: nn.Module) -> EvalResult:
+    """One evaluation of the run's model under each of `eval.views`."""
+    return evaluate_views(
+        model,
+        config.eval.views,
+        parts.split,
+        lambda: evaluate_model(config, parts.head, model, parts.tokenizer, parts.spec, parts.eval_examples),
+    )
 
 
 def new_accelerator(mixed_precision: str) -> Accelerator:
@@ -368,8 +409,7 @@ class RunEvents:
     def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
         self.diagnostics.write(self.parts.rule.diagnostics())
         train_cfg = self.config.train
-        every = train_cfg.eval_every
-        if last or (every and state.step % every == 0) or (epoch_ended and train_cfg.eval_each_epoch):
+        if eval_due(train_cfg, state, epoch_ended, last):
             result = self.run_eval(state.step)
             if last:
                 self.final = result
@@ -389,19 +429,7 @@ class RunEvents:
             )
 
     def run_eval(self, step: int) -> EvalResult:
-        result = evaluate_views(
-            self.model,
-            self.config.eval.views,
-            self.parts.split,
-            lambda: evaluate_model(
-                self.config,
-                self.parts.head,
-                self.model,
-                self.parts.tokenizer,
-                self.parts.spec,
-                self.parts.eval_examples,
-            ),
-        )
+        result = run_evaluation(self.config, self.parts, self.model)
         self.log(step, "eval", result.metrics)
         self.progress.note(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
         return result
