@@ -206,8 +206,14 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_
             "FSDP setting not supported: fsdp_offload_params; loralab shards the frozen base with FSDP2 "
             "(fsdp_version: 2, TRANSFORMER_BASED_WRAP or NO_WRAP, no offload; docs/parallel.md)",
         ),
+        (
+            {"FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"},
+            (),
+            "FSDP: the model has no block of class LlamaDecoderLayer; set fsdp_transformer_layer_cls_to_wrap in the "
+            "accelerate config to the model's block class",
+        ),
     ],
-    ids=["full_ft", "microbatch", "fsdp_v1", "offload"],
+    ids=["full_ft", "microbatch", "fsdp_v1", "offload", "no_such_block"],
 )
 def test_what_fsdp_cannot_run_is_refused_in_one_line(tmp_path, monkeypatch, capsys, environment, extra, message):
     for name, value in (FSDP_ENV | environment).items():

@@ -45,7 +45,14 @@ from loralab.training.loop import (
 )
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.seeding import seed_everything
-from loralab.training.sharding import ShardingPlan, prepare_sharded, read_plan, refuse_unshardable, shard_hash
+from loralab.training.sharding import (
+    ShardingPlan,
+    blocks,
+    prepare_sharded,
+    read_plan,
+    refuse_unshardable,
+    shard_hash,
+)
 
 log = logging.getLogger("loralab")
 
@@ -152,7 +159,6 @@ def prepare(config: RunConfig) -> RunParts:
     sharding = read_plan()  # refuses DeepSpeed and FSDP settings it cannot honour, in any number of processes
     if sharding is not None:
         refuse_unshardable(config.method)
-        sharding = sharding if collectives.world_size() > 1 else None  # one process has nothing to shard over
     seed_everything(config.seed, config.train.deterministic)
     task = load_task(config.task)
     if diffusion:
@@ -161,6 +167,9 @@ def prepare(config: RunConfig) -> RunParts:
         model, tokenizer = load_model(config.model, head, spec.num_labels)
     model = adapter.apply(model)
     rule.attach(model, adapter.lora_modules(model))
+    if sharding is not None:
+        blocks(model, sharding)  # a model without the blocks to shard is refused before the run directory exists
+        sharding = sharding if collectives.world_size() > 1 else None  # one process has nothing to shard over
     if diffusion:
         features = encode_diffusion(
             task.train, spec, tokenizer, config.task.max_length, config.diffusion.response_length
