@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -193,6 +194,30 @@ def test_importance_plot_and_outputs_match_the_study(tmp_path, monkeypatch):
     figure.canvas.draw()
     assert {t.get_text() for t in figure.axes[0].get_yticklabels()} == {"train.lr", "method.adapter.r"}
     assert any(t.get_text() for t in figure.axes[0].get_xticklabels())
+
+
+def write_outputs_repeatedly(plan: hpo_study.StudyPlan, rounds: int) -> None:
+    for _ in range(rounds):
+        hpo_outputs.write_outputs(plan)
+
+
+def test_workers_finishing_together_write_the_outputs_side_by_side(tmp_path, monkeypatch):
+    """Independent workers (SLURM array tasks) each write the study's outputs when it ends; with one shared
+    temporary name a worker's rename found its file renamed away by another (FileNotFoundError, exit 1)."""
+    monkeypatch.setattr(hpo_study, "evaluate", fake_objective(lambda p: p["train.lr"] * 1e3))
+    (result,) = hpo.run_hpo([], [*tiny(tmp_path), "hpo.sampler=grid", LR_GRID])
+    expected = {name: (Path(result.plan.directory) / name).read_bytes() for name in ("trials.csv", "best_hparams.json")}
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=write_outputs_repeatedly, args=(result.plan, 15)) for _ in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=300)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0]
+    directory = Path(result.plan.directory)
+    assert {name: (directory / name).read_bytes() for name in expected} == expected
+    assert float(imread(directory / "importance.png").var()) > 0
+    assert not list(directory.glob(".*.tmp"))  # every temporary file was renamed into place
 
 
 def test_one_parameter_falls_back_to_a_slice_plot(tmp_path, monkeypatch):

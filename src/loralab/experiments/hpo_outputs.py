@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,8 @@ def write_outputs(plan: StudyPlan) -> StudyResult:
     plot = None
     if any(t.state == TrialState.COMPLETE for t in trials):
         figure, plot = draw(study, plan, keys)
-        temporary = directory / f".{PLOT}.tmp.png"
-        figure.savefig(temporary, dpi=100)
+        temporary = temporary_for(directory / PLOT)
+        figure.savefig(temporary, dpi=100, format="png")
         temporary.replace(directory / PLOT)
     return StudyResult(
         plan,
@@ -77,9 +78,15 @@ def write_outputs(plan: StudyPlan) -> StudyResult:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_for(path)
     temporary.write_text(text)
     temporary.replace(path)
+
+
+def temporary_for(path: Path) -> Path:
+    """A temporary name beside `path` of this process's own: workers that finish together each write their outputs
+    (the last replace wins), and a name they shared would be renamed away under another worker."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def param_keys(plan: StudyPlan, trials: list[FrozenTrial]) -> list[str]:
