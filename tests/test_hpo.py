@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import subprocess
@@ -218,6 +219,27 @@ def test_workers_finishing_together_write_the_outputs_side_by_side(tmp_path, mon
     assert {name: (directory / name).read_bytes() for name in expected} == expected
     assert float(imread(directory / "importance.png").var()) > 0
     assert not list(directory.glob(".*.tmp"))  # every temporary file was renamed into place
+
+
+def open_new_storage_together(url: str, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait()
+    hpo_study.open_storage(url, heartbeat_interval=10, grace_period=20)
+
+
+def test_workers_opening_a_new_sqlite_study_together_all_get_it(tmp_path):
+    """Workers started at once race to create a new SQLite database's tables; the loser used to get
+    "table alembic_version already exists" and exit 2 (the flaky three-worker test)."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(8):
+        url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
+        start = context.Barrier(4)
+        workers = [context.Process(target=open_new_storage_together, args=(url, start)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [worker.exitcode for worker in workers] == [0, 0, 0, 0], f"attempt {attempt}"
+        assert optuna.get_all_study_summaries(hpo_study.open_storage(url)) == []
 
 
 def test_one_parameter_falls_back_to_a_slice_plot(tmp_path, monkeypatch):

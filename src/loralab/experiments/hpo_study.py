@@ -140,9 +140,16 @@ def rdb_storage(url: str, engine: dict[str, Any], heartbeat: dict[str, Any]) -> 
     for attempt in range(SCHEMA_ATTEMPTS - 1):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
-        except sqlalchemy.exc.IntegrityError:
+        except sqlalchemy.exc.DBAPIError as exc:
+            if not is_schema_race(exc):
+                raise
             time.sleep(0.2 * (attempt + 1))
     return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
+
+
+def is_schema_race(exc: sqlalchemy.exc.DBAPIError) -> bool:
+    """Another worker created the same table or version row first (SQLite: "table ... already exists")."""
+    return isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in str(exc)
 
 
 def open_study(plan: StudyPlan, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
