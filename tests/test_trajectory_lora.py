@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,6 +82,36 @@ def test_each_sample_goes_through_the_bank_of_its_phase():
         assert bank.members[0].down.weight.shape == (OPTIONS.ranks[phase], 64)
 
 
+def test_a_standardized_prompt_code_uses_batch_statistics_in_training_and_running_ones_after():
+    model, _ = base()
+    model = TrajectoryLoraAdapter(dataclasses.replace(OPTIONS, cond_norm="standardize")).apply(model)
+    randomize(model.trajectory)
+    trajectory, condition = model.trajectory, model.trajectory.condition
+    captured = []
+    condition.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    h = torch.randn(4, 5, 64) * 3 + torch.linspace(-2, 2, 64)  # a part every prompt shares, as in MiniLM
+    prompt = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    pooled = torch.stack([h[row][prompt[row]].mean(dim=0) for row in range(4)])
+    conditioning = Conditioning(torch.tensor([0.9, 0.5, 0.2, 0.7]), prompt)
+
+    model.train()
+    trajectory.perturb(0, h, conditioning)
+    mean, variance = pooled.mean(dim=0), pooled.var(dim=0, unbiased=False)
+    torch.testing.assert_close(captured[-1], (pooled - mean) / torch.sqrt(variance + 1e-5), rtol=1e-4, atol=1e-4)
+    standardizer = trajectory.normalize[0]
+    torch.testing.assert_close(standardizer.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(standardizer.running_var, 0.9 + 0.1 * pooled.var(dim=0), rtol=1e-5, atol=1e-6)
+
+    expected = (pooled - 0.1 * mean) / torch.sqrt(0.9 + 0.1 * pooled.var(dim=0) + 1e-5)
+    model.eval()
+    trajectory.perturb(0, h, conditioning)
+    torch.testing.assert_close(captured[-1], expected, rtol=1e-4, atol=1e-4)
+    model.train()  # a batch of one has no spread of its own: the running statistics, unchanged
+    trajectory.perturb(0, h[:1], Conditioning(conditioning.t[:1], prompt[:1]))
+    torch.testing.assert_close(captured[-1], expected[:1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(standardizer.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+
+
 def test_regularisers_equal_a_direct_computation():
     model, _ = base()
     options = TrajectoryLoraOptions(ranks=[5, 3, 2], modules_per_phase=3, cond_dim=4, lambda_rank=0.3, lambda_orth=0.7)
@@ -120,9 +151,11 @@ def train_a_little(model, tokenizer, steps: int = 40):
     return losses
 
 
-def test_a_trained_adapter_changes_generations_and_survives_save_and_load(tmp_path):
+@pytest.mark.parametrize("cond_norm", ["none", "standardize"])
+def test_a_trained_adapter_changes_generations_and_survives_save_and_load(tmp_path, cond_norm):
+    options = dataclasses.replace(OPTIONS, cond_norm=cond_norm)
     model, tokenizer = base()
-    model = TrajectoryLoraAdapter(OPTIONS).apply(model)
+    model = TrajectoryLoraAdapter(options).apply(model)
     losses = train_a_little(model, tokenizer)
     assert sum(losses[-5:]) < sum(losses[:5])
     model.eval()
@@ -133,9 +166,9 @@ def test_a_trained_adapter_changes_generations_and_survives_save_and_load(tmp_pa
         off = sample(model, prompts, settings)
     assert on != off
 
-    TrajectoryLoraAdapter(OPTIONS).save(model, tmp_path)
+    TrajectoryLoraAdapter(options).save(model, tmp_path)
     saved = json.loads((tmp_path / "trajectory_lora.json").read_text())
-    assert saved["ranks"] == [6, 4, 2] and saved["sites"] == 1
+    assert saved["ranks"] == [6, 4, 2] and saved["sites"] == 1 and saved["cond_norm"] == cond_norm
     fresh, _ = base()
     reloaded = load_diffusion_adapter(fresh, tmp_path)
     reloaded.eval()

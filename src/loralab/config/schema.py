@@ -88,6 +88,7 @@ class TrajectoryLoraOptions:
     modules_per_phase: int = bounded(2, min=1)
     cond_dim: int = bounded(256, min=1)
     apply_to: Literal["final", "every_layer"] = "final"
+    cond_norm: Literal["none", "standardize"] = "none"  # standardize: per-feature, before the projection
     lambda_rank: float = bounded(0.01, min=0)
     lambda_orth: float = bounded(0.001, min=0)
 

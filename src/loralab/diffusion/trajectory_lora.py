@@ -3,9 +3,9 @@
 A sample's phase follows its t: early (t > 2/3), mid (1/3 < t ≤ 2/3), late (t ≤ 1/3). Phase p has a bank of k
 modules g_i(h, c) = W_up,i [(1 + γ_i(c)) ⊙ W_down,i h] + β_i(c) of rank r_p, and the hidden states h at each
 site (the last hidden state, or every encoder layer's output) get δ = σ_p Σ_i g_i(h, c). c is the mean of the
-frozen backbone's hidden states at that site over the prompt tokens, projected to `cond_dim` by a trainable
-linear map. W_up, γ and β start at zero, so the adapter is a no-op at init. Not expressible as a PEFT adapter:
-it is saved as `trajectory_lora.safetensors` + `trajectory_lora.json`.
+frozen backbone's hidden states at that site over the prompt tokens (optionally standardised per feature),
+projected to `cond_dim` by a trainable linear map. W_up, γ and β start at zero, so the adapter is a no-op at
+init. Not expressible as a PEFT adapter: it is saved as `trajectory_lora.safetensors` + `trajectory_lora.json`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from loralab.adapters.base import LoraView, check_safetensors, read_json, require_directory, write_side_file
 from loralab.config.schema import TrajectoryLoraOptions
@@ -68,6 +69,19 @@ class PhaseBank(nn.Module):
         return sum((((downs[i] @ downs[j].T) ** 2).sum() for i, j in pairs), downs[0].new_zeros(()))
 
 
+class CodeStandardizer(nn.BatchNorm1d):
+    """Per-feature standardisation of the pooled prompt code (`cond_norm: standardize`): batch statistics in
+    training, running ones in sampling and for a batch of one. It removes the part all prompts share."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden, affine=False)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        if self.training and len(pooled) > 1:
+            return super().forward(pooled)
+        return F.batch_norm(pooled, self.running_mean, self.running_var, training=False, eps=self.eps)
+
+
 class TrajectoryLora(nn.Module):
     """The banks of every site, the condition projection, and the regularisers."""
 
@@ -75,6 +89,8 @@ class TrajectoryLora(nn.Module):
         super().__init__()
         self.options = options
         self.enabled = True
+        standardize = options.cond_norm == "standardize"
+        self.normalize = nn.ModuleList(CodeStandardizer(hidden) if standardize else nn.Identity() for _ in range(sites))
         self.condition = nn.Linear(hidden, options.cond_dim)
         self.sites = nn.ModuleList(
             nn.ModuleList(
@@ -88,7 +104,7 @@ class TrajectoryLora(nn.Module):
         """h + δ at one site, each sample through the bank of its phase."""
         prompt = conditioning.prompt_mask.to(h.dtype)[..., None]
         pooled = (h * prompt).sum(dim=1) / prompt.sum(dim=1).clamp_min(1)
-        c = self.condition(pooled)
+        c = self.condition(self.normalize[site](pooled))
         phases = phase_of(conditioning.t)
         delta = torch.zeros_like(h)
         for phase, bank in enumerate(self.sites[site]):
