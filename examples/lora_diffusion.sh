@@ -2,7 +2,7 @@
 # LoRA-Diffusion against its five baselines on one masked diffusion LM, over seeds, then one comparison table
 # (task metrics as mean ± std, trainable %, step time, peak memory) from `loralab report`.
 #
-# Offline (the defaults): the bundled MiniLM on synthetic/sentiment, about 40 minutes on a 2-core CPU.
+# Offline (the defaults): the bundled MiniLM on synthetic/sentiment, about 40 minutes per seed on a 2-core CPU.
 #   bash examples/lora_diffusion.sh
 # Shorter, or on another task / base (GPU; hub access), e.g.:
 #   SEEDS="1" EXTRA="train.max_steps=50" bash examples/lora_diffusion.sh
