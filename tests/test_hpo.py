@@ -197,6 +197,17 @@ def test_importance_plot_and_outputs_match_the_study(tmp_path, monkeypatch):
     assert any(t.get_text() for t in figure.axes[0].get_xticklabels())
 
 
+def forked_exit_codes(target, args: tuple, count: int) -> list[int | None]:
+    """Run `target(*args)` in `count` forked processes at once; their exit codes."""
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=target, args=args) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    return [worker.exitcode for worker in workers]
+
+
 def write_outputs_repeatedly(plan: hpo_study.StudyPlan, rounds: int) -> None:
     for _ in range(rounds):
         hpo_outputs.write_outputs(plan)
@@ -208,13 +219,7 @@ def test_workers_finishing_together_write_the_outputs_side_by_side(tmp_path, mon
     monkeypatch.setattr(hpo_study, "evaluate", fake_objective(lambda p: p["train.lr"] * 1e3))
     (result,) = hpo.run_hpo([], [*tiny(tmp_path), "hpo.sampler=grid", LR_GRID])
     expected = {name: (Path(result.plan.directory) / name).read_bytes() for name in ("trials.csv", "best_hparams.json")}
-    context = multiprocessing.get_context("fork")
-    writers = [context.Process(target=write_outputs_repeatedly, args=(result.plan, 15)) for _ in range(3)]
-    for writer in writers:
-        writer.start()
-    for writer in writers:
-        writer.join(timeout=300)
-    assert [writer.exitcode for writer in writers] == [0, 0, 0]
+    assert forked_exit_codes(write_outputs_repeatedly, (result.plan, 15), 3) == [0, 0, 0]
     directory = Path(result.plan.directory)
     assert {name: (directory / name).read_bytes() for name in expected} == expected
     assert float(imread(directory / "importance.png").var()) > 0
@@ -229,16 +234,10 @@ def open_new_storage_together(url: str, start: multiprocessing.synchronize.Barri
 def test_workers_opening_a_new_sqlite_study_together_all_get_it(tmp_path):
     """Workers started at once race to create a new SQLite database's tables; the loser used to get
     "table alembic_version already exists" and exit 2 (the flaky three-worker test)."""
-    context = multiprocessing.get_context("fork")
     for attempt in range(8):
         url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
-        start = context.Barrier(4)
-        workers = [context.Process(target=open_new_storage_together, args=(url, start)) for _ in range(4)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(timeout=120)
-        assert [worker.exitcode for worker in workers] == [0, 0, 0, 0], f"attempt {attempt}"
+        start = multiprocessing.get_context("fork").Barrier(4)
+        assert forked_exit_codes(open_new_storage_together, (url, start), 4) == [0, 0, 0, 0], f"attempt {attempt}"
         assert optuna.get_all_study_summaries(hpo_study.open_storage(url)) == []
 
 
@@ -493,18 +492,8 @@ def test_hierarchical_end_to_end_on_tiny_bert(tmp_path):
 def hpo_command(tmp_path: Path, study: str, *extra: str, steps: int = 2) -> list[str]:
     """The grid study as a process; `steps` long enough (200: seconds a trial) lets a kill land while one runs."""
     # bare overrides apply in order, after any --set one, so this one replaces tiny()'s train.max_steps
-    steps_override = f"train.max_steps={steps}"
-    return [
-        sys.executable,
-        "-m",
-        "loralab",
-        "hpo",
-        *tiny(tmp_path, study),
-        "hpo.sampler=grid",
-        LR_GRID,
-        steps_override,
-        *extra,
-    ]
+    grid = [*tiny(tmp_path, study), "hpo.sampler=grid", LR_GRID]
+    return [sys.executable, "-m", "loralab", "hpo", *grid, f"train.max_steps={steps}", *extra]
 
 
 def wait_for(tmp_path: Path, study: str, ready, process: subprocess.Popen, timeout: float = 180):
