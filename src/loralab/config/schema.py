@@ -233,13 +233,43 @@ GRADIENT_OPTIONS: dict[str, type] = {"none": NoRuleOptions, "shake_align": Shake
 # ---- core sections --------------------------------------------------------------------------------
 
 
+TASK_FORMATS = ("classification", "regression", "sft", "chat", "text")
+
+
+@dataclass(frozen=True)
+class SplitsConfig:
+    """Which split of the source trains and which evaluates; eval null holds out the end of train."""
+
+    train: str = "train"
+    eval: str | None = "validation"
+
+
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str
-    path: str | None
-    max_length: int = required(min=8)
-    train_samples: int | None = required(min=1)
-    eval_samples: int | None = required(min=1)
+    """A task as data: a built-in name (its packaged definition fills the rest), or any name with `format` set.
+
+    Every key the user sets overrides the packaged definition; see docs/data.md for each format's columns.
+    """
+
+    name: str  # a built-in task (configs/tasks/), or any name of your own with `format` set
+    path: str | None  # a file, a glob or a directory of json/jsonl/csv/tsv/parquet files; null: hub or generator
+    max_length: int = required(min=8)  # tokens per example (per packed row with `packing`)
+    train_samples: int | None = required(min=1)  # the first N training examples; null: all
+    eval_samples: int | None = required(min=1)  # the first N evaluation examples; null: all
+    format: Literal["classification", "regression", "sft", "chat", "text"] | None = None  # null: a built-in's
+    hub: str | None = None  # a hub dataset id (read with `datasets.load_dataset`)
+    subset: str | None = None  # the hub dataset's configuration name
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    columns: dict[str, str | None] | None = None  # role → column; null: the format's default column names
+    roles: dict[str, str] | None = None  # chat: loralab role (system/user/assistant) → the data's role name
+    keys: dict[str, str] | None = None  # chat: {role: <key of a message's role>, content: <key of its text>}
+    label_names: list[str | int] | None = None  # classification: labels in class order; null: sorted distinct
+    metrics: list[str] | None = None  # null: the format's defaults
+    template: str | None = None  # sft prompt: alpaca | plain | chat | gsm8k | squad | xsum, or a '{prompt}' string
+    chat_template: str | None = None  # chat: null = the tokenizer's own (or loralab's default); a Jinja string/file
+    truncation: Literal["right", "left", "error"] = "right"  # right keeps the start, left the end; error refuses
+    packing: bool = False  # sft/chat/text on a causal LM: concatenate examples into rows of max_length tokens
+    group_by_length: bool = False  # batches of similar length (seeded), the cheap alternative to packing
 
 
 @dataclass(frozen=True)

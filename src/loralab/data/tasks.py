@@ -24,6 +24,7 @@ class Example:
     label: int | float | None = None
     target: str | None = None
     reference: str | list[str] | None = None
+    messages: tuple[dict[str, str], ...] | None = None  # chat: {role: system|user|assistant, content} in order
     source: Row | None = field(default=None, compare=False, repr=False)  # the row, where prompts are rebuilt from it
 
 
