@@ -12,6 +12,7 @@ import sys
 import pytest
 from datasets import Dataset
 
+from loralab.config.load import load_task_config
 from loralab.config.schema import TaskConfig
 from loralab.data import get_task, load_task, task_names
 from loralab.data.synthetic import CITIES, NAMES, NEGATIVE, POSITIVE, THINGS, generate
@@ -39,14 +40,10 @@ KEY = {  # the columns whose text decides a row's split
 QUESTION_TYPES = ("Who ", "Where ", "How many ", "What colour ", "What did ")
 
 
-def task(name: str, path=None, train: int | None = None, evaluation: int | None = None) -> TaskConfig:
-    return TaskConfig(
-        name=name,
-        path=None if path is None else str(path),
-        max_length=128,
-        train_samples=train,
-        eval_samples=evaluation,
-    )
+def task(name: str, path=None, train: int | None = None, evaluation: int | None = None, **keys) -> TaskConfig:
+    """A task section as a config file would resolve it (the built-in's definition under these keys)."""
+    source = {} if path is None else {"path": str(path)}
+    return load_task_config(name=name, max_length=128, train_samples=train, eval_samples=evaluation, **source, **keys)
 
 
 def write_jsonl(path, rows: list[dict]) -> None:
@@ -64,10 +61,11 @@ def test_registry_has_every_task_and_aliases():
     }  # fmt: skip
     assert set(task_names()) == expected
     assert get_task("databricks-dolly-15k").name == "databricks/databricks-dolly-15k"
-    assert get_task("gsm8k").hub == "openai/gsm8k" and get_task("gsm8k").subset == "main"
-    assert get_task("gsm8k").eval_split == "test" and get_task("xsum").hub == "EdinburghNLP/xsum"
+    assert task("gsm8k").hub == "openai/gsm8k" and task("gsm8k").subset == "main"
+    assert task("gsm8k").splits.eval == "test" and task("xsum").hub == "EdinburghNLP/xsum"
+    assert task("openai/gsm8k").name == "gsm8k" and task("boolq").name == "super_glue/boolq"
     assert get_task("glue/rte").label_names == ("entailment", "not_entailment")
-    assert get_task("glue/stsb").kind == "regression"
+    assert get_task("glue/stsb").format == "regression" and get_task("gsm8k").answer == "gsm8k"
 
 
 def test_unknown_task_suggests_the_closest_name():
@@ -229,7 +227,7 @@ def test_synthetic_summaries_are_one_short_sentence_about_the_documents_event():
 
 def test_synthetic_squad_and_summarization_load_through_their_hub_converters():
     squad = load_task(task("synthetic/squad", train=20, evaluation=5))
-    assert squad.spec.metrics == ("squad_em", "squad_f1") and squad.spec.answer == "squad" and squad.spec.hub is None
+    assert squad.spec.metrics == ("squad_em", "squad_f1") and squad.spec.answer == "squad"
     for example, row in zip(squad.train, generate("synthetic/squad", "train", 20), strict=True):
         answer = row["answers"]["text"][0]
         assert example.id == row["id"] and example.reference == [answer] and example.target == " " + answer
@@ -343,7 +341,9 @@ def test_missing_path_is_a_data_error(tmp_path):
 
 def test_missing_split_file_names_the_split(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"sentence": "a", "label": 0}])
-    with pytest.raises(DataError, match=r"no validation\.\{json,jsonl,csv,parquet\} file .* in "):
+    with pytest.raises(
+        DataError, match=r"no validation\.\{json,jsonl,csv,tsv,parquet\} file .* in .*task.splits.eval=null"
+    ):
         load_task(task("glue/sst2", tmp_path))
 
 
@@ -351,7 +351,9 @@ def test_missing_column_names_the_file_and_the_column(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}])
     write_jsonl(tmp_path / "validation.jsonl", [{"text": "a", "label": 0}])
     with pytest.raises(
-        DataError, match=r"train\.jsonl: missing column 'sentence' required by glue/sst2 \(has: text, label\)"
+        DataError,
+        match=r"train\.jsonl: missing column 'sentence' \(task.columns.text, format classification\); "
+        r"the data has: text, label$",
     ):
         load_task(task("glue/sst2", tmp_path))
 
@@ -375,10 +377,10 @@ def test_hub_failure_tells_the_user_to_pass_a_path(monkeypatch):
 
 def test_offline_hub_fails_fast_with_a_data_error():
     code = (
-        "import dataclasses; from loralab.data import get_task; from loralab.data.sources import hub_splits\n"
+        "from loralab.config.load import load_task_config; from loralab.data.sources import hub_splits\n"
         "from loralab.errors import DataError\n"
-        "spec = dataclasses.replace(get_task('glue/sst2'), hub='loralab-tests/does-not-exist')\n"
-        "try:\n    hub_splits(spec)\nexcept DataError as error:\n    print(error)\n"
+        "cfg = load_task_config(name='glue/sst2', hub='loralab-tests/does-not-exist')\n"
+        "try:\n    hub_splits(cfg)\nexcept DataError as error:\n    print(error)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -391,8 +393,8 @@ def test_offline_hub_fails_fast_with_a_data_error():
 
 
 def test_text_tasks_are_unlabelled_text_from_the_generators_or_wikitext_files(tmp_path):
-    spec = get_task("text/wikitext")
-    assert (spec.kind, spec.hub, spec.subset, spec.eval_split) == (
+    spec = task("text/wikitext")
+    assert (spec.format, spec.hub, spec.subset, spec.splits.eval) == (
         "text",
         "Salesforce/wikitext",
         "wikitext-2-raw-v1",

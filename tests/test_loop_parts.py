@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from loralab.data.collate import IGNORE_INDEX, collate, encode_sft, left_pad_prompts
+from loralab.data import get_task
+from loralab.data.collate import IGNORE_INDEX, collate, left_pad_prompts
+from loralab.data.encode import encode_examples
 from loralab.data.tasks import Example
-from loralab.errors import RunError
+from loralab.errors import DataError, RunError
 from loralab.experiments.runs import plan_run
 from loralab.models.presets import tiny_tokenizer
 from loralab.tracking import read_metrics
@@ -57,7 +59,7 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path):
 def test_encode_sft_masks_the_prompt_and_collate_pads():
     tokenizer = tiny_tokenizer("tiny-llama")
     examples = [Example(id="a", text="Q: 2+2?\nA:", target=" 4"), Example(id="b", text="Q: 10+5?\nA:", target=" 15")]
-    features = encode_sft(examples, tokenizer, 64)
+    features = encode_examples(get_task("gsm8k"), examples, tokenizer, 64)
     for example, feature in zip(examples, features, strict=True):
         prompt = tokenizer(example.text)["input_ids"]
         target = tokenizer(example.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -74,13 +76,24 @@ def test_encode_sft_masks_the_prompt_and_collate_pads():
     assert left["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
 
 
-def test_encode_sft_cuts_the_prompt_from_the_left_first():
+def test_truncation_keeps_the_start_or_the_end_or_refuses_and_drops_examples_without_answer_tokens(caplog):
     tokenizer = tiny_tokenizer("tiny-llama")
-    example = Example(id="a", text="x" * 40, target="yy")
-    (feature,) = encode_sft([example], tokenizer, 20)
-    target = tokenizer("yy", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert len(feature["input_ids"]) == 20 and feature["input_ids"][-len(target) :] == target
-    assert feature["labels"].count(IGNORE_INDEX) == 20 - len(target)
+    spec = get_task("gsm8k")
+    example = Example(id="long", text="x" * 40, target="yy")
+    whole = encode_examples(spec, [example], tokenizer, 100)[0]
+    (left,) = encode_examples(spec, [example], tokenizer, 20, "left")
+    assert {k: v[-20:] for k, v in whole.items()} == left and left["labels"].count(IGNORE_INDEX) == 20 - 3
+    short = Example(id="short", text="q", target="a")
+    (right,) = encode_examples(spec, [example, short], tokenizer, 20, "right")  # "long" keeps no answer token
+    assert right == encode_examples(spec, [short], tokenizer, 100)[0]
+    assert "1 of 2 examples have no answer token within task.max_length=20" in caplog.text
+    with pytest.raises(
+        DataError,
+        match=r"^task\.truncation=error: 1 example\(s\) exceed task\.max_length=20; the longest, id long, has 44 tok",
+    ):
+        encode_examples(spec, [short, example], tokenizer, 20, "error")
+    with pytest.raises(DataError, match=r"no example keeps a loss token within task\.max_length=20"):
+        encode_examples(spec, [example], tokenizer, 20, "right")
 
 
 @pytest.mark.slow

@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 
 from loralab.cli import main
-from loralab.config.schema import ModelConfig, TaskConfig
+from loralab.config.load import load_task_config
+from loralab.config.schema import ModelConfig
 from loralab.data import load_task
-from loralab.data.collate import collate, encode_sft
+from loralab.data.collate import collate
+from loralab.data.encode import encode_examples
 from loralab.edit import EditRule, SpectralEdit, edit_sigma
 from loralab.edit.rules import gd_step, normalize, preserve, selection_counts
 from loralab.edit.spectral import calibrate, select_modules, spectral_bases
@@ -45,8 +47,8 @@ def make_adapter(directory, **lora):
     return directory
 
 
-def calibration_examples(n=4):
-    return load_task(TaskConfig("synthetic/arithmetic", None, 512, n, 1)).train[:n]
+def calibration_task(n=4):
+    return load_task(load_task_config(name="synthetic/arithmetic", max_length=512, train_samples=n, eval_samples=1))
 
 
 def tensors(directory):
@@ -91,11 +93,11 @@ def test_sigma_gradient_from_hooks_equals_autograd(tmp_path, lora):
     model = PeftModel.from_pretrained(model, str(directory)).eval()
     prefixes = select_modules(list(weights), ("o_proj", "down_proj"), None, None)
     bases = spectral_bases(model, prefixes, weights, torch.device("cpu"))
-    examples = calibration_examples(4)
-    calibrate(model, tokenizer, examples, bases, batch_size=2, max_length=512)
+    task = calibration_task(4)
+    calibrate(model, tokenizer, task, bases, batch_size=2, max_length=512, samples=4)
 
     sigmas = {p: b.S.clone().requires_grad_() for p, b in bases.items()}
-    features = encode_sft(examples, tokenizer, 512)
+    features = encode_examples(task.spec, task.train, tokenizer, 512)
     total, padded = 0.0, False
     for start in (0, 2):
         batch = collate(features[start : start + 2], tokenizer.pad_token_id)

@@ -12,7 +12,8 @@ from transformers import get_scheduler
 
 from loralab.config import load_config
 from loralab.data import load_task
-from loralab.data.collate import collate, encode_classification
+from loralab.data.collate import collate
+from loralab.data.encode import encode_classification
 from loralab.errors import LoraLabError, RunError
 from loralab.experiments.runs import read_status
 from loralab.models import load_model

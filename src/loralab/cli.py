@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", type=Path, help="a run directory (uses its config.yaml and adapter/)")
     evaluate.add_argument("--base", help="base model (preset, local path or hub id)")
     evaluate.add_argument("--adapter", type=Path, help="adapter directory")
-    evaluate.add_argument("--task", help="task name")
+    evaluate.add_argument("--task", help="a built-in task name, or a YAML file with a task: section")
     evaluate.add_argument("--out", type=Path, help="directory for eval.json and predictions.jsonl")
     add_generation_arguments(evaluate)
     add_config_arguments(evaluate, files=True)
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_command(commands)
 
     score = commands.add_parser("score", help="re-score a predictions.jsonl file")
-    score.add_argument("--task", required=True)
+    score.add_argument("--task", required=True, help="a built-in task name, or a YAML file with a task: section")
     score.add_argument("--predictions", required=True, type=Path)
     score.add_argument("--out", type=Path, help="write the metrics as JSON here too")
     score.add_argument("--profile", choices=GSM8K_PROFILES, help="GSM8K-style tasks: the scoring profile (lm-eval)")
@@ -246,7 +246,11 @@ def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{name}", default=default, choices=CHOICES[name], help=f"(default {default})")
         else:
             parser.add_argument(f"--{name}", type=type(default), default=default, help=f"(default {default})")
-    parser.add_argument("--calib_task", default="gsm8k", help="calibration task, train split (default gsm8k)")
+    parser.add_argument(
+        "--calib_task",
+        default="gsm8k",
+        help="calibration task (train split): a built-in sft/chat task or a YAML file with a task: section",
+    )
     parser.add_argument("--calib_path", help="calibration data in the hub's schema (a file or directory)")
     parser.add_argument("--calib_samples", type=int, default=32)
     parser.add_argument("--calib_batch_size", type=int, default=2)
@@ -317,7 +321,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         if not (args.base and args.adapter and args.task):
             raise LoraLabError("eval needs --run DIR, or all of --base MODEL --adapter DIR --task TASK")
-        config = resolve(args, [f"model.name={args.base}", f"task.name={args.task}", *generation_overrides(args)])
+        if Path(args.task).suffix in (".yaml", ".yml"):  # a file with a task: section of one's own
+            args.config = [args.task, *args.config]
+            task = []
+        else:
+            task = [f"task.name={args.task}"]
+        config = resolve(args, [f"model.name={args.base}", *task, *generation_overrides(args)])
         adapter = args.adapter
         out = args.out or Path("evals") / f"{Path(args.task).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = evaluate_adapter(config, adapter, out, args.max_samples, args.max_new_tokens)

@@ -22,7 +22,7 @@ from loralab.adapters.base import SIDE_FILE, check_safetensors, read_json, requi
 from loralab.adapters.peft_any import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from loralab.config import load_config
 from loralab.config.schema import ModelConfig, RunConfig
-from loralab.data import get_task, load_task
+from loralab.data import load_task, resolved_spec
 from loralab.errors import AdapterError, ConfigError
 from loralab.models.load import load_model_reporting_new
 from loralab.training.recipe import resolve_head
@@ -122,9 +122,8 @@ def resolve_source(path: Path, base: str | None = None, task: str | None = None)
         config, model_cfg = (resolved if task else None), resolved.model
     if config is not None:
         model_cfg = config.model
-        spec = get_task(config.task.name)
-        head = resolve_head(config.model.kind, spec.kind)
-        num_labels = spec.num_labels if head == "seq_cls" else None
+        head = resolve_head(config.model.kind, config.task.format)
+        num_labels = resolved_spec(config.task).num_labels if head == "seq_cls" else None
     else:
         head, num_labels = head_of_adapter(adapter), None
         if head == "seq_cls":

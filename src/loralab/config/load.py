@@ -1,8 +1,8 @@
 """Compose YAML files and `--set` overrides over the packaged defaults, validate, and hash the result.
 
-Order (later wins): `configs/base.yaml` → the method preset named by `method.name` → each `--config FILE`
-→ each `a.b.c=value` override. Validation happens here, before anything runs: every problem is a
-ConfigError with one line of text.
+Order (later wins): `configs/base.yaml` → the method preset named by `method.name` and the task definition
+named by `task.name` (under the user's keys of that section) → each `--config FILE` → each `a.b.c=value`
+override. Validation happens here, before anything runs: every problem is a ConfigError with one line of text.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from loralab.config.schema import ADAPTER_OPTIONS, GRADIENT_OPTIONS, MethodConfig, RunConfig
+from loralab.config.schema import ADAPTER_OPTIONS, GRADIENT_OPTIONS, MethodConfig, RunConfig, TaskConfig
+from loralab.config.tasks import check_task, compose_task
 from loralab.errors import ConfigError, did_you_mean, unknown
 
 CONFIGS = resources.files("loralab") / "configs"
@@ -39,9 +40,28 @@ def compose(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tupl
         key, value = parse_override(override)
         set_dotted(user, key, value)
     merged = read_packaged("base.yaml")
-    deep_merge(merged, {k: v for k, v in user.items() if k != "method"})
+    base_task = merged["task"]
+    deep_merge(merged, {k: v for k, v in user.items() if k not in ("method", "task")})
     merged["method"] = compose_method(merged.get("method", {}), user.get("method", {}))
+    merged["task"] = compose_task(base_task, user.get("task", {}))
     return merged
+
+
+def task_section(value: str) -> dict:
+    """A `--task` argument as task keys: a built-in (or own) name, or a YAML file with a `task:` section."""
+    if Path(value).suffix not in (".yaml", ".yml"):
+        return {"name": value}
+    section = read_yaml_file(Path(value)).get("task")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{value} has no task: section (a mapping of task keys)")
+    return section
+
+
+def load_task_config(**keys: Any) -> TaskConfig:
+    """A validated task section from keys (a built-in's definition under them), as `task:` in a config file."""
+    task = build_dataclass(TaskConfig, compose_task(read_packaged("base.yaml")["task"], keys), "task")
+    check_task(task)
+    return task
 
 
 def compose_method(base: dict, user: Any) -> dict:
@@ -289,6 +309,7 @@ def check_limits(value: Any, limits: typing.Mapping[str, float], where: str) -> 
 def check_combinations(config: RunConfig) -> None:
     """Reject combinations that cannot run, before any model is loaded."""
     train, model, adapter = config.train, config.model, config.method.adapter
+    check_task(config.task)
     if train.batch_size % train.grad_accum:
         raise ConfigError(
             f"train.batch_size ({train.batch_size}) must be a multiple of train.grad_accum ({train.grad_accum})"

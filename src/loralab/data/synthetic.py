@@ -323,6 +323,14 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = 
     "synthetic/summarization": (summarization_row, ("document",)),
     "text/synthetic": (text_row, ("text",)),
 }
+DEFAULT_SIZES: dict[str, tuple[int, int]] = {  # (train, eval) rows generated when task.*_samples is null
+    "synthetic/sentiment": (2000, 500),
+    "synthetic/entailment": (2000, 500),
+    "synthetic/arithmetic": (2000, 200),
+    "synthetic/squad": (2000, 200),
+    "synthetic/summarization": (2000, 200),
+    "text/synthetic": (4000, 200),
+}
 EVAL_SHARE = 5  # one in EVAL_SHARE possible key texts belongs to the eval split
 
 

@@ -19,11 +19,11 @@ from loralab.errors import ConfigError
 
 def prompt_and_response(spec: TaskSpec, example: Example) -> tuple[str, str]:
     """The prompt text and the response text of one example."""
-    if spec.kind == "classification":
+    if spec.format == "classification":
         return label_prompt(example.text, example.text_pair, spec.label_names), spec.label_names[example.label]
-    if spec.kind == "generation":
+    if spec.format == "sft":
         return example.text, (example.target or "").strip()
-    raise ConfigError(f"model.kind=masked_diffusion cannot run {spec.kind} task {spec.name}")
+    raise ConfigError(f"model.kind=masked_diffusion cannot run {spec.format} task {spec.name}")
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, budget: int) -> list[int]:
@@ -40,7 +40,7 @@ def encode_diffusion(
     response_length: int,
 ) -> list[dict]:
     """input_ids, attention_mask and response_mask (1 on the positions the forward process may mask)."""
-    if spec.kind == "text":
+    if spec.format == "text":
         return [encode_text(tokenizer, example.text, max_length) for example in examples if example.text.strip()]
     if max_length <= response_length + 2:
         raise ConfigError(f"task.max_length ({max_length}) must exceed diffusion.response_length + 2")

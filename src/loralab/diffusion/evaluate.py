@@ -41,14 +41,14 @@ def evaluate_diffusion(
     was_training = model.training
     model.eval()
     try:
-        if spec.kind == "text":
+        if spec.format == "text":
             return EvalResult({"elbo": elbo(model, tokenizer, spec, examples, batch_size, max_length)}, [])
         records = generated_records(model, tokenizer, spec, examples, cfg, batch_size, max_length)
     finally:
         model.train(was_training)
     predictions, references = [r["prediction"] for r in records], [r["reference"] for r in records]
     metrics = compute_metrics(spec.metrics, predictions, references, spec.label_names)
-    if spec.kind == "classification" and all("verbalizer" in r for r in records):
+    if spec.format == "classification" and all("verbalizer" in r for r in records):
         verbalized = [r["verbalizer"] for r in records]
         scored = compute_metrics(spec.metrics, verbalized, references, spec.label_names)
         metrics |= {f"verbalizer_{name}": value for name, value in scored.items()}
@@ -66,8 +66,8 @@ def generated_records(
 ) -> list[dict]:
     """predictions.jsonl records: prompt, sampled output, extracted answer, reference (and the verbaliser's label)."""
     settings = SamplerSettings.from_config(cfg)
-    verbalizer = verbalizer_ids(tokenizer, spec) if spec.kind == "classification" else None
-    answer = "label" if spec.kind == "classification" else spec.answer
+    verbalizer = verbalizer_ids(tokenizer, spec) if spec.format == "classification" else None
+    answer = "label" if spec.format == "classification" else spec.answer
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

@@ -22,9 +22,11 @@ from loralab import __version__
 from loralab.adapters.base import check_safetensors, read_json, require_directory
 from loralab.adapters.compress import peft_module_name
 from loralab.adapters.peft_any import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter
+from loralab.config.load import load_task_config, task_section
 from loralab.config.schema import ModelConfig, TaskConfig
-from loralab.data import get_task, load_task
-from loralab.data.collate import collate, encode_sft
+from loralab.data import TaskData, load_task
+from loralab.data.collate import collate
+from loralab.data.encode import encode_examples
 from loralab.edit.rules import EditRule, edit_sigma
 from loralab.edit.sensitivity import SpectralBasis, recording
 from loralab.errors import AdapterError, ConfigError, first_line
@@ -171,11 +173,18 @@ def spectral_bases(
 
 
 def calibrate(
-    model: nn.Module, tokenizer, examples: list, bases: dict[str, SpectralBasis], batch_size: int, max_length: int
+    model: nn.Module,
+    tokenizer,
+    task: TaskData,
+    bases: dict[str, SpectralBasis],
+    batch_size: int,
+    max_length: int,
+    samples: int,
 ) -> None:
-    """Sum ∂L/∂σ over the calibration set, one answer-token loss per batch; no parameter receives a gradient."""
+    """Sum ∂L/∂σ over the first `samples` training examples, one answer-token loss per batch; no parameter receives
+    a gradient."""
     device = next(model.parameters()).device
-    features = encode_sft(examples, tokenizer, max_length)
+    features = encode_examples(task.spec, task.train[:samples], tokenizer, max_length)
     handle = model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
     try:
         for start in range(0, len(features), batch_size):
@@ -196,6 +205,18 @@ def write_adapter(edit: SpectralEdit, source: Path, tensors: dict, metadata: dic
     (edit.out_dir / META_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
 
+def calibration_task(edit: SpectralEdit) -> TaskConfig:
+    """The calibration task: a built-in name, or a YAML file holding a `task:` section of one's own (sft or chat)."""
+    keys = task_section(edit.calib_task)
+    if edit.calib_path is not None:
+        keys = {**keys, "path": edit.calib_path}
+    sizes = {"max_length": edit.max_length, "train_samples": edit.calib_samples, "eval_samples": 1}
+    task = load_task_config(**{**keys, **sizes})
+    if task.format not in ("sft", "chat"):
+        raise ConfigError(f"--calib_task must be an sft or chat task; {task.name} is {task.format}")
+    return task
+
+
 def spectral_edit(edit: SpectralEdit) -> EditOutcome:
     """Calibrate, edit and write `edit.out_dir`; returns where from, where to and the per-module statistics."""
     source = require_directory(resolve_adapter(edit.lora_path))
@@ -206,16 +227,13 @@ def spectral_edit(edit: SpectralEdit) -> EditOutcome:
         raise ConfigError(
             f"no LoRA module named {' or '.join(edit.target_modules)} in the selected layers of {edit.lora_path}"
         )
-    spec = get_task(edit.calib_task)
-    if spec.kind != "generation":
-        raise ConfigError(f"--calib_task must be a generation (SFT) task; {spec.name} is {spec.kind}")
-    task = load_task(TaskConfig(spec.name, edit.calib_path, edit.max_length, edit.calib_samples, 1))
+    task = load_task(calibration_task(edit))
     device = edit.torch_device()
     model, tokenizer = load_model(edit.model_config(), "causal_lm")
     model = load_peft_adapter(model.to(device), source)
     model.eval()
     bases = spectral_bases(model, prefixes, tensors, device)
-    calibrate(model, tokenizer, task.train[: edit.calib_samples], bases, edit.calib_batch_size, edit.max_length)
+    calibrate(model, tokenizer, task, bases, edit.calib_batch_size, edit.max_length, edit.calib_samples)
     generator = torch.Generator().manual_seed(edit.rule.seed)
     stats = {}
     for prefix, basis in bases.items():

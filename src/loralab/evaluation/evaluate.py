@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -10,7 +11,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from loralab.adapters.dual_rank import adapter_view
-from loralab.data.collate import collate, encode_classification
+from loralab.data.chat import chat_prompt, resolve_chat_template
+from loralab.data.collate import IGNORE_INDEX, collate
+from loralab.data.encode import encode_classification, encode_examples
 from loralab.data.tasks import Example
 from loralab.errors import LoraLabError
 from loralab.evaluation.generate import Generator, HfGenerator
@@ -47,7 +50,9 @@ def evaluate(
         if spec.answer == "gsm8k":
             generator = HfGenerator(model, tokenizer, batch_size)
             return evaluate_gsm8k(generator, examples, [], get_profile(profile), 0, max_new_tokens)
-        if spec.kind == "generation":
+        if spec.format == "text":
+            return language_model_loss(model, tokenizer, spec, examples, batch_size, max_length)
+        if spec.generates:
             records = generate_records(model, tokenizer, spec, examples, batch_size, max_new_tokens)
         else:
             records = classify_records(model, tokenizer, spec, examples, batch_size, max_length)
@@ -85,7 +90,7 @@ def classify_records(model, tokenizer, spec, examples, batch_size: int, max_leng
         batch = collate(features[start : start + batch_size], tokenizer.pad_token_id)
         batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-        predicted = logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
+        predicted = logits.squeeze(-1).tolist() if spec.format == "regression" else logits.argmax(-1).tolist()
         for example, value in zip(chunk, predicted, strict=True):
             records.append(classification_record(spec, example, value))
     return records
@@ -93,7 +98,7 @@ def classify_records(model, tokenizer, spec, examples, batch_size: int, max_leng
 
 def classification_record(spec, example, value) -> dict:
     text = example.text if example.text_pair is None else f"{example.text}\n{example.text_pair}"
-    if spec.kind == "regression":
+    if spec.format == "regression":
         return {"id": example.id, "input": text, "prediction": value, "reference": example.label}
     prediction, reference = spec.label_names[value], spec.label_names[example.label]
     return {
@@ -105,18 +110,26 @@ def classification_record(spec, example, value) -> dict:
     }
 
 
+def generation_prompts(spec, examples: Sequence[Example], tokenizer) -> list[str]:
+    """What the model continues: the prompt text, or a conversation rendered up to its last assistant turn."""
+    if not spec.is_chat:
+        return [e.text for e in examples]
+    template = resolve_chat_template(tokenizer, spec.chat_template)
+    return [chat_prompt(e.messages, tokenizer, template)[0] for e in examples]
+
+
 def generate_records(model, tokenizer, spec, examples, batch_size: int, max_new_tokens: int) -> list[dict]:
-    outputs = HfGenerator(model, tokenizer, batch_size).generate(
-        [e.text for e in examples], max_new_tokens, STOP_STRINGS
-    )
+    prompts = generation_prompts(spec, examples, tokenizer)
+    generator = HfGenerator(model, tokenizer, batch_size, add_special_tokens=not spec.is_chat)  # templates add BOS
+    outputs = generator.generate(prompts, max_new_tokens, STOP_STRINGS)
     records = []
-    for example, output in zip(examples, outputs, strict=True):
+    for example, prompt, output in zip(examples, prompts, outputs, strict=True):
         prediction = extract_answer(spec.answer, output)
         references = example.reference if isinstance(example.reference, list) else [example.reference]
         records.append(
             {
                 "id": example.id,
-                "input": example.text,
+                "input": prompt,
                 "output": output,
                 "prediction": prediction,
                 "reference": example.reference,
@@ -124,6 +137,27 @@ def generate_records(model, tokenizer, spec, examples, batch_size: int, max_new_
             }
         )
     return records
+
+
+def language_model_loss(model, tokenizer, spec, examples, batch_size: int, max_length: int) -> EvalResult:
+    """Text tasks on a causal LM: the mean next-token loss over every eval token, and its perplexity."""
+    device = next(model.parameters()).device
+    features = encode_examples(spec, examples, tokenizer, max_length)
+    total, tokens, records = 0.0, 0, []
+    for start in range(0, len(features), batch_size):
+        batch = {
+            k: v.to(device) for k, v in collate(features[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()[:, :-1]
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        counted = (targets != IGNORE_INDEX).sum(-1)
+        for row, count in zip(losses.sum(-1).tolist(), counted.tolist(), strict=True):
+            records.append({"loss": row / max(count, 1), "tokens": count})
+            total, tokens = total + row, tokens + count
+    mean = total / max(tokens, 1)
+    return EvalResult({"loss": mean, "perplexity": math.exp(min(mean, 50.0))}, records)
 
 
 def evaluate_gsm8k(

@@ -41,8 +41,11 @@ class HfGenerator:
     A prompt longer than the model's positions minus the token budget is cut from the left, as lm-eval does.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int, add_special_tokens: bool = True
+    ) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.add_special_tokens = add_special_tokens  # False for prompts a chat template rendered (BOS included)
 
     @torch.no_grad()
     def generate(
@@ -52,7 +55,7 @@ class HfGenerator:
             self.model.set_adapter(adapter)
         room = getattr(self.model.config, "max_position_embeddings", None)
         keep = max(room - max_new_tokens, 1) if room else None  # as lm-eval: prompts lose their oldest tokens
-        encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        encoded = [self.tokenizer(p, add_special_tokens=self.add_special_tokens)["input_ids"] for p in prompts]
         if keep is not None:
             encoded = [ids[-keep:] for ids in encoded]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))

@@ -98,6 +98,13 @@ def binary_f1(predictions: Sequence, references: Sequence) -> float:
     return float(f1_score(references, predictions, pos_label=1, average="binary", zero_division=0))
 
 
+def macro_f1(predictions: Sequence, references: Sequence) -> float:
+    """F1 averaged over the classes that occur in the references or predictions, each class weighted alike."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(references, predictions, average="macro", zero_division=0))
+
+
 def mcc(predictions: Sequence, references: Sequence) -> float:
     from sklearn.metrics import matthews_corrcoef
 
@@ -143,6 +150,7 @@ def bleu(predictions: Sequence, references: Sequence) -> float:
 METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {
     "accuracy": accuracy,
     "f1": binary_f1,
+    "macro_f1": macro_f1,
     "mcc": mcc,
     "pearson": pearson,
     "spearman": spearman,

@@ -10,8 +10,9 @@ import torch
 
 from loralab.adapters import load_adapter
 from loralab.adapters.dual_rank import adapter_split
+from loralab.config.load import load_task_config, task_section
 from loralab.config.schema import RunConfig
-from loralab.data import get_task, load_task
+from loralab.data import TaskSpec, load_task, resolved_spec, task_spec
 from loralab.diffusion import load_diffusion_adapter, load_diffusion_model
 from loralab.errors import ConfigError, DataError
 from loralab.evaluation.evaluate import EvalResult, evaluate_gsm8k, evaluate_views
@@ -32,16 +33,14 @@ def evaluate_adapter(
     config: RunConfig, adapter_dir: Path, out: Path, max_samples: int | None = None, max_new_tokens: int | None = None
 ) -> dict:
     """Load the base model, put the adapter on it, evaluate on the task's eval split, write `out/`."""
-    spec = get_task(config.task.name)
-    if spec.answer == "gsm8k":
+    if task_spec(config.task).answer == "gsm8k":
         result = compare_adapters(config, {"adapter": Path(adapter_dir)}, max_samples, max_new_tokens)["adapter"]
     else:
         if config.eval.backend != "hf" or config.eval.fewshot is not None:
-            raise ConfigError(f"eval.backend=vllm and eval.fewshot serve GSM8K-style tasks, not {spec.name}")
+            raise ConfigError(f"eval.backend=vllm and eval.fewshot serve GSM8K-style tasks, not {config.task.name}")
         seed_everything(config.seed)
-        result = evaluate_classic(
-            config, adapter_dir, load_task(config.task).eval[: max_samples or config.eval.max_samples]
-        )
+        task = load_task(config.task)
+        result = evaluate_classic(config, adapter_dir, task.spec, task.eval[: max_samples or config.eval.max_samples])
     out.mkdir(parents=True, exist_ok=True)
     write_eval(out, result)
     return result.metrics
@@ -79,10 +78,9 @@ def build_generator(config: RunConfig, adapters: Mapping[str, Path]) -> Generato
     return HfGenerator(model, tokenizer, config.eval.batch_size)
 
 
-def evaluate_classic(config: RunConfig, adapter_dir: Path, examples: list) -> EvalResult:
-    """Classification, regression and non-GSM8K generation tasks, with the adapter's views."""
-    spec = get_task(config.task.name)
-    head = resolve_head(config.model.kind, spec.kind)
+def evaluate_classic(config: RunConfig, adapter_dir: Path, spec: TaskSpec, examples: list) -> EvalResult:
+    """Classification, regression, text and non-GSM8K generation tasks, with the adapter's views."""
+    head = resolve_head(config.model.kind, spec.format)
     if head == "masked_diffusion":
         model, tokenizer = load_diffusion_model(config.model, config.diffusion)
         model = load_diffusion_adapter(model.to(default_device()), adapter_dir)
@@ -97,12 +95,12 @@ def evaluate_classic(config: RunConfig, adapter_dir: Path, examples: list) -> Ev
     )
 
 
-def score_predictions(task_name: str, path: Path, profile: str | None = None) -> dict[str, float]:
+def score_predictions(task: str, path: Path, profile: str | None = None) -> dict[str, float]:
     """Metrics of a predictions.jsonl from its `prediction` (or raw `output`) and `reference` fields.
 
     GSM8K-style tasks are re-scored from the raw `output` by a GSM8K profile (default lm-eval).
     """
-    spec = get_task(task_name)
+    spec = resolved_spec(load_task_config(**task_section(task)))
     records = read_predictions(path)
     if spec.answer == "gsm8k":
         if any("output" not in r for r in records):

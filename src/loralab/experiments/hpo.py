@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 
 from loralab.config.load import config_hash, config_to_dict, load_config, packaged_schedule
 from loralab.config.schema import HpoConfig, RunConfig
-from loralab.data import get_task
+from loralab.data import task_spec
 from loralab.errors import ConfigError, LoraLabError, RunError, did_you_mean
 from loralab.experiments import hpo_space
 from loralab.experiments.hpo_outputs import BEST, StudyResult, write_outputs
@@ -92,7 +92,7 @@ def resolve(files: Sequence[str], overrides: Sequence[str]) -> Context:
 
 def resolve_metric(config: RunConfig) -> str:
     """`hpo.metric`, or the task's first metric; a name the task does not report is a ConfigError."""
-    spec = get_task(config.task.name)
+    spec = task_spec(config.task)
     metric = config.hpo.metric
     if metric is None:
         if not spec.metrics:

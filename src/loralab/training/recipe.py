@@ -21,8 +21,8 @@ from loralab.adapters import Adapter, build_adapter
 from loralab.analysis.params import frozen_hash
 from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
-from loralab.data import TaskSpec, get_task, load_task
-from loralab.data.collate import encode_classification, encode_sft
+from loralab.data import TaskSpec, load_task
+from loralab.data.encode import encode_examples
 from loralab.diffusion import build_diffusion_adapter, load_diffusion_model
 from loralab.diffusion.data import encode_diffusion
 from loralab.diffusion.evaluate import evaluate_diffusion
@@ -79,18 +79,16 @@ class RunOutcome:
     metrics: dict[str, float]
 
 
-def resolve_head(model_kind: str, task_kind: str) -> str:
-    """The model head a task needs: a classification head, a causal LM for generation tasks, or the masked
-    diffusion LM that model.kind=masked_diffusion asks for (any task but regression; text tasks need it)."""
+def resolve_head(model_kind: str, task_format: str) -> str:
+    """The model head a task needs: a classification head for classification and regression, a causal LM for
+    the formats that generate or model text (sft, chat, text), or the masked diffusion LM model.kind asks for."""
     if model_kind == "masked_diffusion":
-        if task_kind == "regression":
-            raise ConfigError("model.kind=masked_diffusion generates text; it cannot run a regression task")
+        if task_format in ("regression", "chat"):
+            raise ConfigError(f"model.kind=masked_diffusion cannot run a {task_format} task")
         return "masked_diffusion"
-    if task_kind == "text":
-        raise ConfigError("text tasks pre-train a masked diffusion LM: set model.kind=masked_diffusion")
-    wanted = "causal_lm" if task_kind == "generation" else "seq_cls"
+    wanted = "seq_cls" if task_format in ("classification", "regression") else "causal_lm"
     if model_kind not in ("auto", wanted):
-        raise ConfigError(f"model.kind={model_kind} cannot run a {task_kind} task; use model.kind={wanted} or auto")
+        raise ConfigError(f"model.kind={model_kind} cannot run a {task_format} task; use model.kind={wanted} or auto")
     return wanted
 
 
@@ -149,8 +147,7 @@ def prepare(config: RunConfig) -> RunParts:
     """Seed, load the task and model, apply the adapter, attach the gradient rule, encode the training set."""
     if config.eval.backend != "hf":
         raise ConfigError("eval.backend=vllm serves loralab eval and edit --eval; training evaluates with hf")
-    spec = get_task(config.task.name)
-    head = resolve_head(config.model.kind, spec.kind)
+    head = resolve_head(config.model.kind, config.task.format)
     diffusion = head == "masked_diffusion"
     adapter = (
         build_diffusion_adapter(config.method.adapter) if diffusion else build_adapter(config.method.adapter, head)
@@ -161,6 +158,7 @@ def prepare(config: RunConfig) -> RunParts:
         refuse_unshardable(config.method)
     seed_everything(config.seed, config.train.deterministic)
     task = load_task(config.task)
+    spec = task.spec
     if diffusion:
         model, tokenizer = load_diffusion_model(config.model, config.diffusion)
     else:
@@ -175,8 +173,7 @@ def prepare(config: RunConfig) -> RunParts:
             task.train, spec, tokenizer, config.task.max_length, config.diffusion.response_length
         )
     else:
-        encode = encode_sft if spec.kind == "generation" else encode_classification
-        features = encode(task.train, tokenizer, config.task.max_length)
+        features = encode_examples(spec, task.train, tokenizer, config.task.max_length, config.task.truncation)
     check_parallel(len(features), config.train)
     eval_examples = task.eval[: config.eval.max_samples]
     return RunParts(spec, head, eval_examples, model, tokenizer, adapter, rule, features, sharding)
@@ -304,7 +301,7 @@ def execute(
 
     write_eval(directory, final)
     parts.adapter.save(base, directory / "adapter")
-    if parts.spec.kind == "text" and config.method.adapter.kind == "full":
+    if parts.spec.format == "text" and config.method.adapter.kind == "full":
         base.save_pretrained(directory / "model", parts.tokenizer)
     rule.write_outputs(directory)
     write_status(
