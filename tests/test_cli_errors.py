@@ -41,7 +41,81 @@ def malformed_yaml(tmp_path: Path) -> Path:
     return path
 
 
+def data_file(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def own_task(path: Path | str, fmt: str = "classification", *keys: str) -> list[str]:
+    """`loralab train` on a task of the user's own (tiny-bert for classification, tiny-llama otherwise)."""
+    model = "tiny-bert" if fmt == "classification" else "tiny-llama"
+    return [
+        "train",
+        "task.name=my/data",
+        f"task.format={fmt}",
+        f"task.path={path}",
+        *keys,
+        *TINY,
+        f"model.name={model}",
+    ]
+
+
+def chats(*conversations: list[dict]) -> str:
+    return "".join(json.dumps({"messages": messages}) + "\n" for messages in conversations)
+
+
+USER, ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+DATA_CASES = {
+    "missing data column": (
+        lambda t: own_task(
+            data_file(t, "r.csv", "review,stars\ngood,5\nbad,1\n"), "classification", "task.columns.label=stars"
+        ),
+        r"r\.csv: missing column 'text' \(task\.columns\.text, format classification\); the data has: review, stars$",
+    ),
+    "empty data file": (lambda t: own_task(data_file(t, "empty.csv", "")), r"empty\.csv is empty$"),
+    "empty split": (lambda t: own_task(data_file(t, "header.csv", "text,label\n")), r"header\.csv holds no rows$"),
+    "malformed json line": (
+        lambda t: own_task(data_file(t, "bad.jsonl", '{"text": "a", "label": 0}\n{"text": "b", label: 1}\n')),
+        r"bad\.jsonl:2: malformed JSON line",
+    ),
+    "label not in label_names": (
+        lambda t: own_task(
+            data_file(t, "l.jsonl", "".join(json.dumps({"text": w, "label": w}) + "\n" for w in "abcab")),
+            "classification",
+            "task.label_names=[a, b]",
+        ),
+        r"l\.jsonl, row 3: label 'c' is not in task\.label_names \(a, b\)$",
+    ),
+    "chat without an assistant turn": (
+        lambda t: own_task(data_file(t, "c.jsonl", chats([USER, ASSISTANT], [USER], [USER, ASSISTANT])), "chat"),
+        r"c\.jsonl, row 2: the conversation has no assistant turn",
+    ),
+    "unknown chat role": (
+        lambda t: own_task(
+            data_file(
+                t, "r.jsonl", chats([USER, ASSISTANT], [USER, {"role": "bot", "content": "x"}], [USER, ASSISTANT])
+            ),
+            "chat",
+        ),
+        r"r\.jsonl, row 2: unknown role 'bot'; task\.roles maps assistant, system, user",
+    ),
+    "chat on an encoder": (
+        lambda t: [
+            *own_task(data_file(t, "e.jsonl", chats(*[[USER, ASSISTANT]] * 20)), "chat"),
+            "model.name=tiny-bert",
+        ],
+        r"model 'tiny-bert' is an encoder \(bert\), not a causal LM",
+    ),
+    "glob matching nothing": (
+        lambda t: own_task(f"{t}/nothing/*.jsonl"),
+        r"the glob .*nothing/\*\.jsonl matches no file$",
+    ),
+}
+
+
 CASES = {
+    **DATA_CASES,
     "unknown key": (lambda t: ["train", "train.lrr=0.1"], r"unknown key 'train.lrr' \(did you mean 'lr'\?\)"),
     "bad type": (lambda t: ["train", "train.epochs=many"], r"train.epochs: expected a number"),
     "negative batch size": (lambda t: ["train", "train.batch_size=-4"], r"train.batch_size: must be ≥ 1"),
@@ -196,7 +270,7 @@ CASES = {
     ),
     "edit calibrated on a classifier task": (
         lambda t: [*edit_spectral(t, lora_adapter(t)), "--calib_task", "glue/sst2"],
-        r"--calib_task must be a generation",
+        r"--calib_task must be an sft or chat task; glue/sst2 is classification$",
     ),
     "edit with an impossible layer range": (
         lambda t: [*edit_spectral(t), "--layer_min", "3", "--layer_max", "1"],

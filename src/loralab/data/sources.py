@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,9 @@ def local_splits(cfg: TaskConfig, location: str) -> tuple[tuple[Rows, str], tupl
 
 
 def split_file(directory: Path, split: str, role: str) -> Path:
-    """The one `<split>.<ext>` file of a split in a data directory."""
+    """The file of a split in a data directory: `split` itself when it names a file there, else `<split>.<ext>`."""
+    if (directory / split).is_file():
+        return directory / split
     found = [directory / f"{split}{suffix}" for suffix in READERS if (directory / f"{split}{suffix}").is_file()]
     if not found:
         hint = "; set task.splits.eval=null to hold out the end of train" if role == "eval" else ""
@@ -163,11 +166,17 @@ def read_files(cfg: TaskConfig, files: list[Path]) -> Any:
     datasets.disable_progress_bars()  # a local file loads in a moment; its bars would only clutter the run's output
     suffix = files[0].suffix
     options = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    origin = str(files[0]) if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
+    datasets_log = logging.getLogger("datasets")
+    level, datasets_log.level = datasets_log.level, logging.CRITICAL  # it logs each failure before raising it
     try:
         table = datasets.load_dataset(READERS[suffix], data_files=[str(f) for f in files], split="train", **options)
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise DataError(malformed_json_line(files) or f"cannot read {files[0]}: {first_line(exc)}") from None
-    origin = str(files[0]) if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
+        if "corresponds to no data" in str(exc):  # a CSV header without rows
+            raise DataError(f"{origin} holds no rows") from None
+        raise DataError(malformed_json_line(files) or f"cannot read {origin}: {first_line(exc)}") from None
+    finally:
+        datasets_log.level = level
     require_columns(cfg, table.column_names, origin)
     return table
 

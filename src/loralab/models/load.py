@@ -12,7 +12,14 @@ from typing import Literal
 import huggingface_hub
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers import logging as hf_logging
 
 from loralab.config.schema import ModelConfig
@@ -26,6 +33,7 @@ from loralab.models.presets import (
     is_preset,
     minilm_directory,
     seeded,
+    tiny_config,
     tiny_tokenizer,
 )
 
@@ -46,6 +54,8 @@ def load_model_reporting_new(
     cfg: ModelConfig, head: Head, num_labels: int | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, tuple[str, ...]]:
     """As `load_model`, plus the names of the parameters the checkpoint lacked (newly initialised)."""
+    if head == "causal_lm":
+        refuse_encoder(cfg)
     quantization = nf4_config() if cfg.quantization == "nf4" else None
     tokenizer = load_tokenizer(cfg.name, cfg.trust_remote_code)
     new: tuple[str, ...] = ()
@@ -63,6 +73,32 @@ def load_model_reporting_new(
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return model, tokenizer, new
+
+
+def refuse_encoder(cfg: ModelConfig) -> None:
+    """Refuse, before building it, a causal-LM head on an encoder (its config read without the weights)."""
+    if cfg.name in TINY_FAMILIES:
+        config = tiny_config(cfg.name, None)
+    else:
+        try:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(source(cfg.name), trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError):
+            return  # the load itself reports why the model is unavailable
+    if is_encoder(config):
+        raise ModelError(
+            f"model '{cfg.name}' is an encoder ({config.model_type}), not a causal LM: sft, chat and text "
+            "tasks generate text and need a decoder (e.g. tiny-llama), or model.kind=masked_diffusion for sft/text"
+        )
+
+
+def is_encoder(config: PretrainedConfig) -> bool:
+    """Whether a model is a bidirectional encoder (BERT, RoBERTa, ModernBERT…): its family has a masked-LM head
+    and the config is neither a decoder nor an encoder-decoder (transformers would still build a 'causal' head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    decoder = getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False)
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not decoder
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
