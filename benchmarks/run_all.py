@@ -43,6 +43,7 @@ class Benchmark:
 
 
 SUITE = (
+    Benchmark("cli_start.py", ("--rounds", "20"), ("--rounds", "10")),
     Benchmark("train_step.py", ("--rounds", "6"), ("--steps", "10", "--rounds", "6", "--memory-steps", "3")),
     Benchmark(
         "finetune.py",

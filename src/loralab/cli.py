@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_launch(command: str) -> None:
     """Under torchrun / accelerate launch only `train` runs: the processes of one launch share one run."""
-    from loralab import collectives
+    from loralab.launching import launched
 
-    if collectives.launched() and command != "train":
+    if launched() and command != "train":
         raise ConfigError(
             f"loralab {command} does not run under a multi-process launch (only train does); "
             "sweeps and HPO studies scale by separate processes: --jobs, --workers, or launch slurm --array"
@@ -230,7 +230,7 @@ def generation_overrides(args: argparse.Namespace, prefix: str = "") -> list[str
 
 def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the published LoRA Spectral Edit tool, plus calibration data, device and evaluation choices."""
-    from loralab.edit.rules import CHOICES, EditRule
+    from loralab.edit.options import CHOICES, EditRule
 
     parser.add_argument("--base_model", required=True, help="base model (preset, local path or hub id)")
     parser.add_argument("--lora_path", required=True, help="LoRA adapter directory or hub id")

@@ -6,17 +6,12 @@ CPU. Gradient rules call these directly, so their statistics are those of the gl
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from torch import Tensor
 
-
-def launched() -> bool:
-    """True inside a multi-process launch (torchrun, accelerate launch, `loralab launch local`)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+from loralab.launching import launched
 
 
 def cpu_only() -> bool:

@@ -1,0 +1,52 @@
+"""The parameters of a spectral edit (`EditRule`) and their choices: no torch, so the CLI can build its flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from loralab.errors import ConfigError
+
+CHOICES = {
+    "mode": ("abs_select", "random_index", "gd"),
+    "update_mode": ("multiplicative", "additive"),
+    "grad_norm": ("mean_abs", "l2", "none"),
+    "preserve_energy": ("l1", "l2", "none"),
+}
+
+
+@dataclass(frozen=True)
+class EditRule:
+    """The σ-editing parameters of every mode, with the published defaults."""
+
+    mode: Literal["abs_select", "random_index", "gd"] = "abs_select"
+    core_frac: float = 0.2
+    noise_frac: float = 0.2
+    amp_factor: float = 1.25
+    sup_factor: float = 0.80
+    mid_factor: float = 1.0
+    eta: float = 0.2
+    update_mode: Literal["multiplicative", "additive"] = "multiplicative"
+    asymmetric_update: bool = False
+    pos_power: float = 1.0
+    grad_norm: Literal["mean_abs", "l2", "none"] = "mean_abs"
+    preserve_energy: Literal["l1", "l2", "none"] = "l1"
+    sigma_clip_min: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("core_frac", "noise_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("amp_factor", "sup_factor", "mid_factor", "sigma_clip_min"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("eta", "pos_power"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)

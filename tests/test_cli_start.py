@@ -1,0 +1,61 @@
+"""Instant start: help, `config show`, `config list` and `report` import no torch, transformers, peft or datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loralab.cli import build_parser
+from test_report import write_run
+
+HEAVY = ("torch", "transformers", "peft", "datasets")
+PROBE = f"""
+import json, runpy, sys
+sys.argv = ["loralab", *sys.argv[1:]]
+try:
+    runpy.run_module("loralab", run_name="__main__")
+    code = 0
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({{"code": code, "heavy": [name for name in {HEAVY!r} if name in sys.modules]}}), file=sys.stderr)
+"""
+
+
+def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every verb path of the CLI (`("train",)`, `("config", "show")`, ...), leaves only."""
+    actions = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not actions:
+        return [path]
+    return [leaf for name, sub in actions[0].choices.items() for leaf in subcommands(sub, (*path, name))]
+
+
+def probe(argv: list[str], cwd) -> dict:
+    """Run the CLI in a fresh interpreter; its exit code and which heavy packages it imported."""
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=cwd, check=False)
+    return json.loads(done.stderr.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"]] + [[*path, "--help"] for path in subcommands(build_parser())], ids=" ".join
+)
+def test_help_imports_nothing_heavy(argv, tmp_path):
+    assert probe(argv, tmp_path) == {"code": 0, "heavy": []}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["config", "show"], ["config", "show", "seed=1", "model.name=tiny-llama"]],
+    ids=" ".join,
+)
+def test_config_verbs_import_nothing_heavy(argv, tmp_path):
+    assert probe(argv, tmp_path) == {"code": 0, "heavy": []}
+
+
+def test_report_imports_nothing_heavy(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, "lora", seed, {"accuracy": 0.5 + seed / 10}, [0.5])
+    assert probe(["report", str(tmp_path)], tmp_path) == {"code": 0, "heavy": []}
