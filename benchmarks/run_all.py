@@ -61,6 +61,7 @@ SUITE = (
         ("--model", "tiny-llama", "--steps", "50", "--rounds", "18"),
         ("--model", "tiny-llama", "--steps", "50", "--rounds", "9"),
     ),
+    Benchmark("packing.py", (), ("--quick",)),
     Benchmark("lowrank.py", ("--rounds", "10"), ("--shape", "1024", "2752", "64", "--rounds", "10", "--modules", "16")),
     Benchmark(
         "diffusion.py",

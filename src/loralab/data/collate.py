@@ -1,4 +1,4 @@
-"""Tokenise examples once, then pad micro-batches on the fly (classification pairs and SFT prompt+target)."""
+"""Tokenise examples once, then pad micro-batches on the fly (classification pairs, SFT prompt+target, packed rows)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from loralab.data.packing import IGNORE_INDEX, collate_packed
 
 
 def encode_classification(examples: Sequence, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
@@ -46,7 +46,12 @@ def encode_sft(examples: Sequence, tokenizer: PreTrainedTokenizerBase, max_lengt
 
 
 def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest sequence; SFT labels are padded with IGNORE_INDEX."""
+    """Right-pad a micro-batch to its longest sequence; SFT labels are padded with IGNORE_INDEX.
+
+    Packed rows (they carry `position_ids`) go to `collate_packed`, so callers need not know which they hold.
+    """
+    if "position_ids" in features[0]:
+        return collate_packed(features, pad_token_id)
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     for key in features[0]:

@@ -108,10 +108,11 @@ class Grit(RuleDefaults):
 
     @contextmanager
     def observing(self, batch: dict) -> Iterator[None]:
-        """Count one forward+backward; on every `cov_update_freq`-th, hooks add its tokens to Σ_a and Σ_g."""
+        """Count one forward+backward; on every `cov_update_freq`-th, hooks add its tokens to Σ_a and Σ_g (a packed
+        batch's `token_mask` marks its real tokens, as the attention mask does in a padded one)."""
         record = self.backwards % self.options.cov_update_freq == 0
         self.backwards += 1
-        with self.stats.recording(batch.get("attention_mask")) if record else nullcontext():
+        with self.stats.recording(batch.get("token_mask", batch.get("attention_mask"))) if record else nullcontext():
             yield
 
     def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:

@@ -62,6 +62,35 @@ class BatchOrder:
         return self._permutation[position * self.batch_size : (position + 1) * self.batch_size].tolist()
 
 
+class LengthGroupedOrder:
+    """Seeded batches of examples of similar length (`task.group_by_length`), as HF's LengthGroupedSampler: per
+    epoch a permutation cut into mega-batches of 50 batches, each sorted by length (longest first) and cut into
+    batches, then the batches shuffled. Less padding per batch; still a function of (seed, epoch, position)."""
+
+    MEGA_BATCHES = 50
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
+        self.steps_per_epoch = math.ceil(len(lengths) / batch_size)
+        self._epoch, self._batches = -1, []
+
+    def batch(self, epoch: int, position: int) -> list[int]:
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self.epoch_batches(epoch)
+        return self._batches[position]
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of the epoch, in order (only the last mega-batch can leave a short batch)."""
+        generator = np.random.default_rng([self.seed, epoch])
+        permutation, size = generator.permutation(len(self.lengths)), self.batch_size
+        batches = []
+        for start in range(0, len(permutation), self.MEGA_BATCHES * size):
+            group = permutation[start : start + self.MEGA_BATCHES * size]
+            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            batches += [group[i : i + size].tolist() for i in range(0, len(group), size)]
+        return [batches[i] for i in generator.permutation(len(batches))]
+
+
 @dataclass(frozen=True)
 class MicroBatch:
     """This process's part of one micro-batch: its first row in the optimizer batch, its examples, its weight."""
@@ -130,9 +159,19 @@ class LoopEvents(Protocol):
     def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None: ...
 
 
+NON_MODEL_KEYS = frozenset({"token_mask"})  # batch entries for the loop and the rules, not for the forward
+
+
 def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The task loss transformers computes from `labels` (cross-entropy, or MSE for regression)."""
-    return model(**batch).loss
+    """The task loss transformers computes from `labels` (cross-entropy, or MSE for regression).
+
+    A packed batch runs without the KV cache: transformers builds its block-diagonal mask from `position_ids` only
+    when there is neither an attention mask nor a cache (and a model loaded with `use_cache` makes one).
+    """
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    if "position_ids" in inputs:
+        inputs["use_cache"] = False
+    return model(**inputs).loss
 
 
 def train(
@@ -144,7 +183,7 @@ def train(
     optimizer: torch.optim.Optimizer,
     scheduler,
     state: TrainState,
-    order: BatchOrder,
+    order: BatchOrder | LengthGroupedOrder,
     pad_token_id: int,
     events: LoopEvents,
     log_every: int,
@@ -169,7 +208,7 @@ def train(
         with accelerator.no_sync(model):
             for part in micro_batches(indices, micro_size, processes, rank):
                 micro = collate([features[i] for i in part.indices], pad_token_id)
-                tokens += int(micro["attention_mask"].sum())  # counted on the host: no device sync
+                tokens += sum(len(features[i]["input_ids"]) for i in part.indices)  # real tokens, packed or not
                 batch = {k: v.to(accelerator.device) for k, v in micro.items()}
                 rule.locate(part.start)
                 loss = rule.compute_gradients(
