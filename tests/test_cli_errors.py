@@ -107,6 +107,14 @@ DATA_CASES = {
         ],
         r"model 'tiny-bert' is an encoder \(bert\), not a causal LM",
     ),
+    "packing with shake_align": (
+        lambda t: ["train", "method.name=ours", "task.name=gsm8k", "task.packing=true", "model.name=tiny-llama"],
+        r"task\.packing cannot run with method\.gradient\.kind=shake_align: its votes need whole examples",
+    ),
+    "packing a classification task": (
+        lambda t: ["train", "task.packing=true", *TINY],
+        r"task\.packing applies to sft, chat and text tasks, not classification$",
+    ),
     "glob matching nothing": (
         lambda t: own_task(f"{t}/nothing/*.jsonl"),
         r"the glob .*nothing/\*\.jsonl matches no file$",

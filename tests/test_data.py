@@ -57,6 +57,7 @@ def test_registry_has_every_task_and_aliases():
     expected = {
         "glue/sst2", "glue/rte", "glue/mrpc", "glue/qnli", "glue/cola", "glue/stsb", "super_glue/boolq", "gsm8k",
         "tatsu-lab/alpaca", "databricks/databricks-dolly-15k", "squad", "squad_v2", "xsum", "text/wikitext",
+        "glue/qnli_instruct", "super_glue/boolq_instruct",
         *SYNTHETIC,
     }  # fmt: skip
     assert set(task_names()) == expected

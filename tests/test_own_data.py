@@ -71,6 +71,18 @@ def test_tsv_globs_and_directory_splits_by_file_name(tmp_path):
     assert {e.text[0] for e in split.train} == {"a"} and {e.text[0] for e in split.eval} == {"b"}
 
 
+def test_qnli_instruction_form_is_the_published_prompt_and_the_label_word(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "Who?", "sentence": "Ann did.", "label": 1}) + "\n")
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"question": "Q", "sentence": "S", "label": 0}) + "\n")
+    data = load_task(load_task_config(name="glue/qnli_instruct", path=str(tmp_path)))
+    published = (  # the GRIT example's QNLI prompt, up to the label
+        "### Instruction:\nDetermine if the sentence entails the question.\n\n"
+        "### Input:\nQuestion: Who?\nSentence: Ann did.\n\n### Response:\n"
+    )
+    assert data.train[0].text == published and data.train[0].target == "not_entailment"
+    assert data.eval[0].reference == "entailment" and data.spec.metrics == ("accuracy",)
+
+
 def test_sft_templates_plain_and_format_string(tmp_path):
     (tmp_path / "d.json").write_text(
         json.dumps([{"q": "2+2", "ctx": "", "a": "4"}, {"q": "3+3", "ctx": "x", "a": "6"}])
@@ -120,3 +132,49 @@ def test_text_on_a_causal_lm_reports_the_token_mean_loss_and_perplexity(tmp_path
         count += tokens
     assert result.metrics["loss"] == pytest.approx(nll / count, rel=1e-5)
     assert result.metrics["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["task.packing=true", "task.group_by_length=true"])
+def test_packed_and_grouped_runs_resume_exactly(tmp_path, layout):
+    """A run whose last checkpoint and outputs are lost resumes from the one before and ends bit-identical."""
+    import shutil
+
+    from loralab.experiments.runs import write_status
+    from loralab.training.recipe import run_training
+
+    args = [
+        f"io.root={tmp_path}",
+        "model.name=tiny-llama",
+        "task.name=synthetic/arithmetic",
+        "task.train_samples=48",
+        "task.eval_samples=4",
+        "task.max_length=512",
+        "train.batch_size=4",
+        "train.max_steps=8",
+        "train.checkpoint_every=4",
+        "train.eval_each_epoch=false",
+        "eval.max_new_tokens=4",
+        layout,
+    ]
+    whole = run_training(load_config([], args), False).directory
+    reference = adapter_weights(whole)
+    shutil.copytree(whole, tmp_path / "copy")
+    lost = tmp_path / "copy"
+    shutil.rmtree(lost / "checkpoints" / "step-8")
+    shutil.rmtree(lost / "adapter")
+    write_status(lost, state="running")
+    shutil.rmtree(whole)
+    shutil.move(lost, whole)
+    resumed = run_training(load_config([], [*args, "io.overwrite=resume"]), False)
+    assert resumed.action == "resume"
+    weights = adapter_weights(resumed.directory)
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=0)

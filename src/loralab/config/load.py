@@ -324,6 +324,7 @@ def check_combinations(config: RunConfig) -> None:
         raise ConfigError(f"method.adapter.R ({adapter.R}) must be larger than method.adapter.r ({adapter.r})")
     if "core" in config.eval.views and adapter.kind != "dual_rank_lora":
         raise ConfigError(f"eval.views=core needs method.adapter.kind=dual_rank_lora, not {adapter.kind}")
+    check_packing(config)
     check_diffusion(config)
     if config.method.gradient.kind == "shake_align":
         check_shake_align(config)
@@ -339,6 +340,21 @@ def check_hpo(config: RunConfig) -> None:
     if config.hpo.schedule is not None:
         packaged_schedule(config.hpo.schedule)
     check_hpo_section(config.hpo)
+
+
+def check_packing(config: RunConfig) -> None:
+    """Packed rows hold several examples: refused where a method needs one example per row or its own mask."""
+    if not config.task.packing:
+        return
+    if config.method.gradient.kind == "shake_align":
+        raise ConfigError(
+            "task.packing cannot run with method.gradient.kind=shake_align: its votes need whole examples per "
+            "window, and a packed row holds several; use task.group_by_length=true instead"
+        )
+    if config.model.kind == "masked_diffusion":
+        raise ConfigError("task.packing covers causal LMs; model.kind=masked_diffusion pads its response slots")
+    if config.method.adapter.kind == "prefix":
+        raise ConfigError("task.packing cannot run with method.adapter.kind=prefix (its prefixes need a padding mask)")
 
 
 def check_diffusion(config: RunConfig) -> None:

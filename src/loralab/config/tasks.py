@@ -114,8 +114,8 @@ def check_task(task: Any) -> None:
         for key in mapping or {}:
             if key not in allowed:
                 raise ConfigError(f"unknown key '{key}' in task.roles/task.keys" + did_you_mean(key, allowed))
-    if task.label_names is not None and task.format != "classification":
-        raise ConfigError(f"task.label_names applies to format classification, not {task.format}")
+    if task.label_names is not None and task.format not in ("classification", "sft"):
+        raise ConfigError(f"task.label_names applies to formats classification and sft, not {task.format}")
     if task.template is not None and task.format != "sft":
         raise ConfigError(f"task.template applies to format sft, not {task.format} (chat uses task.chat_template)")
     if task.chat_template is not None and task.format not in ("chat", "sft"):

@@ -1,48 +1,12 @@
-"""Tokenise examples once, then pad micro-batches on the fly (classification pairs, SFT prompt+target, packed rows)."""
+"""Pad tokenised features into micro-batches on the fly (data.encode tokenises them once per run; packed rows too)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from loralab.data.packing import IGNORE_INDEX, collate_packed
-
-
-def encode_classification(examples: Sequence, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
-    """Token ids (and the label) of each sentence or sentence pair, truncated to max_length."""
-    features = []
-    for example in examples:
-        encoded = tokenizer(example.text, example.text_pair, truncation=True, max_length=max_length)
-        feature = {key: list(value) for key, value in encoded.items()}
-        feature["labels"] = example.label
-        features.append(feature)
-    return features
-
-
-def encode_sft(examples: Sequence, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
-    """Prompt + target + EOS, with labels IGNORE_INDEX on the prompt so only the answer carries loss.
-
-    When too long, the prompt is cut from the left (down to half the budget) before the target is cut.
-    """
-    features = []
-    for example in examples:
-        prompt = tokenizer(example.text, add_special_tokens=True)["input_ids"]
-        target = tokenizer(example.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt) + len(target) > max_length:
-            keep = max(max_length - len(target), max_length // 2)
-            prompt = prompt[-keep:]
-            target = target[: max_length - len(prompt)]
-        ids = prompt + target
-        features.append(
-            {
-                "input_ids": ids,
-                "attention_mask": [1] * len(ids),
-                "labels": [IGNORE_INDEX] * len(prompt) + target,
-            }
-        )
-    return features
 
 
 def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -174,6 +174,8 @@ def classification_example(spec: TaskSpec, row: Row, index: int) -> Example:
 def sft_example(spec: TaskSpec, row: Row, index: int) -> Example:
     """A prompt (with its optional input) and the completion that carries the loss, through the SFT template."""
     prompt, context, completion = (cell(spec, row, role) for role in ("prompt", "input", "completion"))
+    if spec.label_names:  # classification as generation: the completion is the label's word
+        completion = spec.label_names[label_index(spec, completion)]
     if spec.template in SFT_TEMPLATES:
         return SFT_TEMPLATES[spec.template](row_id(row, index), str(prompt), context or "", completion)
     body = spec.template.format(prompt=prompt, input=context or "")

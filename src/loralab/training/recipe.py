@@ -23,6 +23,7 @@ from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
 from loralab.data import TaskSpec, load_task
 from loralab.data.encode import encode_examples
+from loralab.data.packing import pack
 from loralab.diffusion import build_diffusion_adapter, load_diffusion_model
 from loralab.diffusion.data import encode_diffusion
 from loralab.diffusion.evaluate import evaluate_diffusion
@@ -36,6 +37,7 @@ from loralab.tracking import MetricsCSV, RowsCSV, Trackers
 from loralab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from loralab.training.loop import (
     BatchOrder,
+    LengthGroupedOrder,
     TrainState,
     peak_memory_mb,
     prepare_for_loop,
@@ -174,6 +176,8 @@ def prepare(config: RunConfig) -> RunParts:
         )
     else:
         features = encode_examples(spec, task.train, tokenizer, config.task.max_length, config.task.truncation)
+        if config.task.packing:
+            features = pack(features, config.task.max_length)
     check_parallel(len(features), config.train)
     eval_examples = task.eval[: config.eval.max_samples]
     return RunParts(spec, head, eval_examples, model, tokenizer, adapter, rule, features, sharding)
@@ -229,7 +233,11 @@ def execute(
     hash_frozen = frozen_hash if parts.sharding is None else shard_hash
     base = accelerator.unwrap_model(model)  # without a data-parallel wrapper: evaluation, checkpoints, saving
     rule.bind_optimizer(optimizer)
-    order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
+    if config.task.group_by_length:
+        lengths = [len(feature["input_ids"]) for feature in parts.features]
+        order = LengthGroupedOrder(lengths, config.train.batch_size, config.effective_data_seed)
+    else:
+        order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
     steps = total_steps(config.train, order.steps_per_epoch)
     scheduler = build_scheduler(optimizer, config.train, steps)
 
