@@ -111,6 +111,10 @@ DATA_CASES = {
         lambda t: ["train", "method.name=ours", "task.name=gsm8k", "task.packing=true", "model.name=tiny-llama"],
         r"task\.packing cannot run with method\.gradient\.kind=shake_align: its votes need whole examples",
     ),
+    "unknown sft template": (
+        lambda t: ["train", "task.name=gsm8k", "task.template=alpacca", "model.name=tiny-llama"],
+        r"task\.template: unknown template 'alpacca' \(did you mean 'alpaca'\?\)",
+    ),
     "packing a classification task": (
         lambda t: ["train", "task.packing=true", *TINY],
         r"task\.packing applies to sft, chat and text tasks, not classification$",

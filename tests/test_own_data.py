@@ -83,6 +83,13 @@ def test_qnli_instruction_form_is_the_published_prompt_and_the_label_word(tmp_pa
     assert data.eval[0].reference == "entailment" and data.spec.metrics == ("accuracy",)
 
 
+def test_the_template_names_config_checks_are_the_templates_data_builds():
+    from loralab.config.tasks import SFT_TEMPLATE_NAMES
+    from loralab.data.tasks import SFT_TEMPLATES
+
+    assert tuple(SFT_TEMPLATES) == SFT_TEMPLATE_NAMES
+
+
 def test_sft_templates_plain_and_format_string(tmp_path):
     (tmp_path / "d.json").write_text(
         json.dumps([{"q": "2+2", "ctx": "", "a": "4"}, {"q": "3+3", "ctx": "x", "a": "6"}])

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from loralab.errors import ConfigError, did_you_mean
+from loralab.errors import ConfigError, did_you_mean, unknown
 
 TASKS = resources.files("loralab") / "configs" / "tasks"
 DEFAULT_COLUMNS = {  # the columns a format reads when `task.columns` leaves a role out
@@ -23,6 +23,7 @@ DEFAULT_COLUMNS = {  # the columns a format reads when `task.columns` leaves a r
     "chat": {"messages": "messages"},
     "text": {"text": "text"},
 }
+SFT_TEMPLATE_NAMES = ("alpaca", "plain", "chat", "gsm8k", "squad", "xsum")  # data.tasks.SFT_TEMPLATES builds each
 REQUIRED_ROLES = {  # column roles a format cannot do without
     "classification": ("text", "label"),
     "regression": ("text", "label"),
@@ -118,6 +119,11 @@ def check_task(task: Any) -> None:
         raise ConfigError(f"task.label_names applies to formats classification and sft, not {task.format}")
     if task.template is not None and task.format != "sft":
         raise ConfigError(f"task.template applies to format sft, not {task.format} (chat uses task.chat_template)")
+    if task.template is not None and task.template not in SFT_TEMPLATE_NAMES and "{prompt}" not in task.template:
+        raise ConfigError(
+            f"task.template: {unknown('template', task.template, SFT_TEMPLATE_NAMES)} "
+            "(or a string with a {prompt} field)"
+        )
     if task.chat_template is not None and task.format not in ("chat", "sft"):
         raise ConfigError(f"task.chat_template applies to format chat (or sft with template chat), not {task.format}")
     if task.packing and task.format not in ("sft", "chat", "text"):

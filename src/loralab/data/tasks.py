@@ -93,11 +93,7 @@ def task_spec(cfg: TaskConfig, label_names: tuple[str, ...] | None = None) -> Ta
     """The TaskSpec of a resolved task section; `label_names` are those inferred from the data, if any."""
     columns = {**DEFAULT_COLUMNS[cfg.format], **(cfg.columns or {})}
     names = tuple(str(v) for v in cfg.label_names) if cfg.label_names is not None else label_names or ()
-    template = cfg.template or ("alpaca" if cfg.format == "sft" else None)
-    if template is not None and template not in SFT_TEMPLATES and "{prompt}" not in template:
-        raise DataError(
-            f"task.template: {unknown('template', template, SFT_TEMPLATES)} (or a string with a {{prompt}} field)"
-        )
+    template = cfg.template or ("alpaca" if cfg.format == "sft" else None)  # config.tasks.check_task vetted it
     roles = {data: ours for ours, data in {**{r: r for r in CHAT_ROLES}, **(cfg.roles or {})}.items()}
     keys = {"role": "role", "content": "content", **(cfg.keys or {})}
     return TaskSpec(
