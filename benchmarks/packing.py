@@ -8,8 +8,10 @@ clipping at 1.0, `--batch` examples (padded, grouped) or packed rows of at most 
 
 - loralab padded: `training.loop.train` on the examples in seeded random batches, right-padded (`BatchOrder`);
 - loralab grouped: the same with `LengthGroupedOrder` (batches of similar length, HF's LengthGroupedSampler);
-- loralab packed: the same loop on `data.packing.pack` rows (greedy, in order; block-diagonal attention from
+- loralab packed: the same loop on `data.packing.pack` rows (best fit decreasing; block-diagonal attention from
   `position_ids`);
+- loralab packed, rows of max_length/2 (outside the targets): the examples that fit, packed into rows half as long,
+  2 × `--batch` rows per step (the same tokens): attention costs per token in proportion to a row's width;
 - HF Trainer + PEFT padded: `Trainer.train()` with loralab's `collate`, on the same batches as loralab padded;
 - TRL packed: `SFTTrainer` (packing=True: best-fit-decreasing rows, padding-free batches) at TRL's defaults
   otherwise; a note says why when TRL does not import.
@@ -19,7 +21,7 @@ collator's input), and each sample is one block's wall time over its real tokens
 alternate between the sides in one process (the order rotating), as in the other benchmarks; the Trainer sides
 run in a thread paused between blocks (`train_step.Blocks`).
 
-    python benchmarks/packing.py [--quick] [--steps 20] [--rounds 5] [--batch 8] [--max-length 512] [--json PATH]
+    python benchmarks/packing.py [--quick] [--steps 20] [--rounds 6] [--batch 8] [--max-length 512] [--json PATH]
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ def alpaca_features(count: int, max_length: int, vocab: int, seed: int = 0) -> l
         labels = [IGNORE_INDEX] * prompt + ids[prompt:]
         features.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
     return features
+
+
+def loop_config(batch: int) -> RunConfig:
+    """The tiny Llama with LoRA r 8 on q and v, `batch` examples or rows per step."""
+    overrides = ["model.name=tiny-llama", f"train.batch_size={batch}", "method.adapter.dropout=0"]
+    return load_config([], [*overrides, "method.adapter.target_modules=[q_proj, v_proj]", "train.warmup_ratio=0"])
+
+
+def fill(rows: list[dict], max_length: int) -> float:
+    """Real tokens over the tokens of full rows."""
+    return sum(len(row["input_ids"]) for row in rows) / (len(rows) * max_length)
 
 
 def loralab_side(config: RunConfig, features: list[dict], order: BatchOrder | LengthGroupedOrder, pad_id: int) -> Run:
@@ -174,7 +187,7 @@ def real_share(order: BatchOrder | LengthGroupedOrder, features: list[dict]) -> 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per block")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating blocks per side (a multiple of 5)")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating blocks per side (a multiple of 6)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="examples (padded, grouped) or packed rows per step")
     parser.add_argument("--max-length", type=int, default=512)
@@ -189,31 +202,23 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     steps = 5 if args.quick else args.steps
-    config = load_config(
-        [],
-        [
-            "model.name=tiny-llama",
-            f"train.batch_size={args.batch}",
-            "method.adapter.dropout=0",
-            "method.adapter.target_modules=[q_proj, v_proj]",
-            "train.warmup_ratio=0",
-        ],
-    )
+    config, half = loop_config(args.batch), args.max_length // 2
     probe, tokenizer = load_model(config.model, "causal_lm")
     pad = tokenizer.pad_token_id
     features = alpaca_features(args.examples, args.max_length, probe.config.vocab_size)
     rows = pack(features, args.max_length)
+    short = pack([f for f in features if len(f["input_ids"]) <= half], half)
+    packed_half = f"loralab packed, rows of {half}"
+    data = {PADDED: features, PACKED: rows, GROUPED: features, packed_half: short}
     orders = {
         PADDED: BatchOrder(len(features), args.batch, 0),
         PACKED: BatchOrder(len(rows), args.batch, 0),
         GROUPED: LengthGroupedOrder([len(f["input_ids"]) for f in features], args.batch, 0),
+        packed_half: BatchOrder(len(short), 2 * args.batch, 0),
     }
-    sides = {
-        PADDED: partial(loralab_side, config, features, orders[PADDED], pad),
-        PACKED: partial(loralab_side, config, rows, orders[PACKED], pad),
-        GROUPED: partial(loralab_side, config, features, orders[GROUPED], pad),
-        TRAINER: partial(trainer_side, config, features, orders[PADDED], pad),
-    }
+    sides = {name: partial(loralab_side, config, data[name], orders[name], pad) for name in (PADDED, PACKED, GROUPED)}
+    sides[packed_half] = partial(loralab_side, loop_config(2 * args.batch), short, orders[packed_half], pad)
+    sides[TRAINER] = partial(trainer_side, config, features, orders[PADDED], pad)
     problem = trl_problem()
     if problem is None:
         sides[TRL] = partial(trl_side, config, features, tokenizer, args.max_length)
@@ -224,8 +229,9 @@ def main() -> None:
         f"tiny-llama on {device().type}, LoRA r {config.method.adapter.r} on q,v, AdamW; {args.examples} examples, "
         f"lengths log-normal median {int(np.median(lengths))} mean {lengths.mean():.0f} max {lengths.max()} "
         f"(max_length {args.max_length}); batch {args.batch} examples or packed rows ({len(rows)} rows, "
-        f"{len(features) / len(rows):.1f} examples each); {args.rounds} x {steps} steps per side after "
-        f"{args.warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{len(features) / len(rows):.1f} examples each, fill {fill(rows, args.max_length):.3f}); {args.rounds} x "
+        f"{steps} steps per side after {args.warmup} warm-up; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     targets = {PACKED: Target("<=", 0.75), GROUPED: Target("<=", 0.75)}
     comparisons = [comparison("time per real token vs loralab padded", "µs/tok", times, PADDED, targets, scale=1e6)]
@@ -234,8 +240,11 @@ def main() -> None:
         comparisons.append(
             comparison("packed: loralab vs TRL", "µs/tok", versus, TRL, {PACKED: Target("<=", 1.0)}, scale=1e6)
         )
-    shares = {name: real_share(order, rows if name == PACKED else features) for name, order in orders.items()}
+    shares = {name: real_share(order, data[name]) for name, order in orders.items()}
     notes = [
+        f"{packed_half}: the {sum(len(row['lengths']) for row in short)} examples of at most {half} tokens in "
+        f"{len(short)} rows (fill {fill(short, half):.3f}), {2 * args.batch} rows per step; not a target "
+        f"(longer examples do not fit), it shows what the row budget costs: attention is quadratic in a row's width",
         "real tokens per computed token over an epoch: "
         + ", ".join(f"{name} {share:.2f}" for name, share in shares.items())
         + "; TRL packed: 1 (padding-free: a batch is one flattened row, attending under a block mask as wide as the "

@@ -16,8 +16,8 @@ from loralab.models.presets import build_tiny
 from loralab.training.loop import BatchOrder, LengthGroupedOrder, model_loss
 from test_grit import QUIET, assert_close_scaled, grit_parts
 
-LENGTHS = [7, 12, 5, 9, 15, 4, 11]  # packed into rows of 33: [7, 12, 5, 9] (full) and [15, 4, 11] (3 short)
-MAX_LENGTH = 33
+LENGTHS = [7, 12, 5, 9, 15, 4, 11]  # best fit decreasing into rows of 34: [15, 12, 7] (full), [11, 9, 5, 4] (5 short)
+MAX_LENGTH = 34
 
 
 def features_of(lengths: list[int], vocab: int = 256, seed: int = 0) -> list[dict]:
@@ -42,25 +42,26 @@ def test_pack_layout_on_hand_made_features():
         {"input_ids": [51], "labels": [51], "attention_mask": [1]},
         {"input_ids": list(range(60, 68)), "labels": list(range(60, 68)), "attention_mask": [1] * 8},
     ]
+    # longest first: 8 opens row 0 (full), 5 row 1 (room 3), 4 row 2 (room 4); 3 fills row 1, 2 and 1 go to row 2
     rows = pack(features, 8)
     assert rows == [
-        {
-            "input_ids": [11, 12, 13, 21, 22, 23, 24],
-            "labels": [-100, 12, 13, -100, 22, 23, 24],
-            "position_ids": [0, 1, 2, 0, 1, 2, 3],
-            "lengths": [3, 4],
-        },
-        {
-            "input_ids": [31, 32, 41, 42, 43, 44, 45, 51],
-            "labels": [-100, -100, -100, -100, 43, 44, 45, -100],
-            "position_ids": [0, 1, 0, 1, 2, 3, 4, 0],
-            "lengths": [2, 5, 1],
-        },
         {
             "input_ids": list(range(60, 68)),
             "labels": [-100, *range(61, 68)],
             "position_ids": list(range(8)),
             "lengths": [8],
+        },
+        {
+            "input_ids": [41, 42, 43, 44, 45, 11, 12, 13],
+            "labels": [-100, -100, 43, 44, 45, -100, 12, 13],
+            "position_ids": [0, 1, 2, 3, 4, 0, 1, 2],
+            "lengths": [5, 3],
+        },
+        {
+            "input_ids": [21, 22, 23, 24, 31, 32, 51],
+            "labels": [-100, 22, 23, 24, -100, -100, -100],
+            "position_ids": [0, 1, 2, 3, 0, 1, 0],
+            "lengths": [4, 2, 1],
         },
     ]
     assert pack(features, 8) == rows  # deterministic
@@ -68,27 +69,48 @@ def test_pack_layout_on_hand_made_features():
         pack(features, 7)
 
 
-def test_pack_keeps_order_and_every_token_within_max_length():
-    features = features_of([int(n) for n in np.random.default_rng(0).integers(1, 40, size=200)])
+def reference_best_fit_decreasing(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best fit decreasing the plain way: for each example, longest first, scan every row for the tightest fit."""
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rooms = [max_length - sum(lengths[j] for j in row) for row in rows]
+        fitting = [r for r, room in enumerate(rooms) if room >= lengths[i]]
+        if fitting:
+            rows[min(fitting, key=lambda r: rooms[r])].append(i)  # min keeps the earliest of equal rooms
+        else:
+            rows.append([i])
+    return rows
+
+
+def examples_in(row: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """A packed row cut back into its examples' (input_ids, labels) by its `lengths`."""
+    offsets = np.cumsum([0, *row["lengths"]])
+    return [(tuple(row["input_ids"][a:b]), tuple(row["labels"][a:b])) for a, b in itertools.pairwise(offsets)]
+
+
+def test_pack_is_best_fit_decreasing_of_whole_examples():
+    lengths = [int(n) for n in np.random.default_rng(0).integers(1, 40, size=200)]
+    features = features_of(lengths)
     rows = pack(features, 40)
-    assert all(sum(row["lengths"]) == len(row["input_ids"]) <= 40 for row in rows)
-    assert [t for row in rows for t in row["input_ids"]] == [t for f in features for t in f["input_ids"]]
-    assert [n for row in rows for n in row["lengths"]] == [len(f["input_ids"]) for f in features]
-    for first, second in itertools.pairwise(rows):  # greedy: the next row's first example did not fit
-        assert len(first["input_ids"]) + second["lengths"][0] > 40
-    expected_labels = [label for f in features for label in [IGNORE_INDEX, *f["labels"][1:]]]
-    assert [label for row in rows for label in row["labels"]] == expected_labels
+    assert all(sum(row["lengths"]) == len(row["input_ids"]) == len(row["labels"]) <= 40 for row in rows)
+    packed = [example for row in rows for example in examples_in(row)]
+    wanted = [(tuple(f["input_ids"]), (IGNORE_INDEX, *f["labels"][1:])) for f in features]
+    assert sorted(packed) == sorted(wanted)  # every example exactly once, its first label ignored
+    reference = reference_best_fit_decreasing(lengths, 40)
+    assert len(rows) == len(reference) >= -(-sum(lengths) // 40)
+    assert [[e for e, _ in examples_in(row)] for row in rows] == [[wanted[i][0] for i in row] for row in reference]
+    assert pack(features, 40) == rows
 
 
 def test_collate_packed_pads_as_a_block_of_its_own():
     rows = pack(features_of(LENGTHS), MAX_LENGTH)
     batch = collate_packed(rows, pad_token_id=0)
     assert set(batch) == {"input_ids", "labels", "position_ids", "token_mask"}  # no attention_mask
-    assert batch["input_ids"].shape == (2, 33)
-    assert batch["input_ids"][1, 30:].tolist() == [0, 0, 0]
-    assert batch["labels"][1, 30:].tolist() == [IGNORE_INDEX] * 3
-    assert batch["position_ids"][1].tolist() == [*range(15), *range(4), *range(11), 0, 1, 2]
-    assert batch["token_mask"].tolist() == [[1] * 33, [1] * 30 + [0] * 3]
+    assert batch["input_ids"].shape == (2, 34)
+    assert batch["input_ids"][1, 29:].tolist() == [0] * 5
+    assert batch["labels"][1, 29:].tolist() == [IGNORE_INDEX] * 5
+    assert batch["position_ids"][1].tolist() == [*range(11), *range(9), *range(5), *range(4), *range(5)]
+    assert batch["token_mask"].tolist() == [[1] * 34, [1] * 29 + [0] * 5]
     dispatched = collate(rows, pad_token_id=0)  # callers keep calling `collate`
     assert all(torch.equal(dispatched[key], batch[key]) for key in batch) and set(dispatched) == set(batch)
     assert "attention_mask" in collate(features_of(LENGTHS), pad_token_id=0)  # unpacked features as before
@@ -130,9 +152,10 @@ def test_packed_forward_gives_each_example_its_own_loss(llama, attention):
     llama.set_attn_implementation(attention)
     features = features_of(LENGTHS, vocab=llama.config.vocab_size)
     rows = pack(features, MAX_LENGTH)
-    assert [len(row["lengths"]) for row in rows] == [4, 3]
+    assert [row["lengths"] for row in rows] == [[15, 12, 7], [11, 9, 5, 4]]
     batch = collate_packed(rows, pad_token_id=0)
-    alone = alone_nll(llama, features)
+    by_length = {len(f["input_ids"]): f for f in features}  # LENGTHS are distinct
+    alone = alone_nll(llama, [by_length[n] for row in rows for n in row["lengths"]])  # in packed order
     packed = per_example_nll(llama, batch, rows, batch["position_ids"])
     assert max(abs(p - a) for p, a in zip(packed, alone, strict=True)) <= 1e-5
     # the same concatenation without position restarts (one causal sequence per row) mixes the examples

@@ -4,10 +4,15 @@ A packed row concatenates whole examples; `position_ids` restart at 0 at each on
 the batch, transformers reads the restarts as example boundaries and builds a block-diagonal causal mask from
 them (`find_packed_sequence_indices` in transformers/masking_utils.py); flash-attention's varlen kernels take
 the same `position_ids`. So each example attends only to itself, as if alone, and no compute goes to padding.
+
+Examples go into rows best-fit decreasing (TRL's default packing strategy, "bfd"): longest first, each into the
+row it leaves the least room in. Rows come out fuller than greedy in-order packing (fewer rows, less padding up to
+the batch's longest row). The data order is not kept; it need not be, as `BatchOrder` shuffles rows every epoch.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -16,28 +21,33 @@ IGNORE_INDEX = -100  # the label transformers' cross-entropy skips
 
 
 def pack(features: Sequence[dict], max_length: int) -> list[dict]:
-    """Greedy packing in the given order: each row takes whole examples while they fit in `max_length` tokens.
+    """Best-fit-decreasing rows of whole examples, at most `max_length` tokens each (deterministic)."""
+    return [packed_row([features[i] for i in row]) for row in best_fit_decreasing(features, max_length)]
 
-    Rows hold `input_ids`, `labels` (the first token of every example ignored, so none is predicted from the
-    example before it), `position_ids` restarting at each example and `lengths` (its examples' token counts).
-    """
-    rows, current, used = [], [], 0
-    for feature in features:
-        length = len(feature["input_ids"])
-        if length > max_length:
-            raise ValueError(f"an example of {length} tokens does not fit a packed row of {max_length}")
-        if current and used + length > max_length:
-            rows.append(packed_row(current))
-            current, used = [], 0
-        current.append(feature)
-        used += length
-    if current:
-        rows.append(packed_row(current))
+
+def best_fit_decreasing(features: Sequence[dict], max_length: int) -> list[list[int]]:
+    """Indices per row: longest example first (ties by index), each into the row with the least room that still
+    fits it (ties: the earliest row), else a new row. O(n log n) comparisons: bisection over sorted (room, row)."""
+    lengths = [len(feature["input_ids"]) for feature in features]
+    if lengths and max(lengths) > max_length:
+        raise ValueError(f"an example of {max(lengths)} tokens does not fit a packed row of {max_length}")
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = bisect.bisect_left(rooms, (lengths[index], -1))
+        if slot == len(rooms):
+            rows.append([])
+            room, row = max_length, len(rows) - 1
+        else:
+            room, row = rooms.pop(slot)
+        rows[row].append(index)
+        bisect.insort(rooms, (room - lengths[index], row))
     return rows
 
 
 def packed_row(features: Sequence[dict]) -> dict:
-    """One row of whole examples, concatenated."""
+    """Whole examples concatenated: `input_ids`, `labels` (every example's first ignored, so none is predicted from
+    the example before it), `position_ids` restarting at each example and `lengths` (its examples' token counts)."""
     return {
         "input_ids": [token for f in features for token in f["input_ids"]],
         "labels": [label for f in features for label in [IGNORE_INDEX, *f["labels"][1:]]],
