@@ -41,16 +41,30 @@ class MetricsCSV:
 
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
-        """Keep the header and the rows up to `step` (used when resuming from a checkpoint)."""
+        """Keep the header and the whole rows up to `step` (used when resuming from a checkpoint).
+
+        What a crash or a bad copy leaves (a last line without its newline, NUL or non-UTF-8 bytes, a row of
+        another width) is dropped with one warning instead of being kept for good; a damaged header drops it all.
+        """
         if not path.exists():
             return
-        with open(path, newline="") as handle:
-            rows = list(csv.reader(handle))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+        rows = list(csv.reader(line for line in lines if whole_line(line)))
+        header = rows[0] if rows and rows[0][:1] == ["step"] else []
+        whole = [row for row in rows[1:] if header and len(row) == len(header) and row[0].isdecimal()]
+        damaged = len(lines) - len(whole) - (1 if header else 0)
+        if damaged:
+            log.warning("%s: dropped %d damaged line(s) a crash or copy left", path, damaged)
+        kept = ([header] if header else []) + [row for row in whole if int(row[0]) <= step]
         temporary = path.with_suffix(".tmp")
         with open(temporary, "w", newline="") as handle:
             csv.writer(handle).writerows(kept)
         temporary.replace(path)
+
+
+def whole_line(line: str) -> bool:
+    """Whether a CSV line was written whole: ends in its newline, holds no NUL and no undecodable byte."""
+    return line.endswith("\n") and "\x00" not in line and "\ufffd" not in line
 
 
 class RowsCSV:

@@ -34,7 +34,7 @@ from loralab.gradient import GradientRule, build_rule
 from loralab.models import load_model
 from loralab.progress import ProgressReporter
 from loralab.tracking import MetricsCSV, RowsCSV, Trackers
-from loralab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from loralab.training.checkpoint import resume_checkpoint, save_checkpoint
 from loralab.training.loop import (
     BatchOrder,
     LengthGroupedOrder,
@@ -242,10 +242,8 @@ def execute(
     scheduler = build_scheduler(optimizer, config.train, steps)
 
     state = TrainState()
-    checkpoints = list_checkpoints(directory / "checkpoints")
-    if action == "resume" and checkpoints:
-        state = TrainState(**load_checkpoint(checkpoints[-1], base, optimizer, scheduler, rule))
-        log.info("resuming %s from %s", directory, checkpoints[-1].name)
+    if action == "resume":  # the newest checkpoint that verifies; a run with none starts at step 0
+        state = resume_checkpoint(directory, base, optimizer, scheduler, rule)
 
     def run_loop(events) -> TrainState:
         """The same loop in every process; only the events differ (the main process logs, evaluates, saves)."""
@@ -275,7 +273,9 @@ def execute(
         return RunOutcome(directory, action, stored_metrics(directory))
     for log_file in ("metrics.csv", f"{rule.name}.csv"):
         MetricsCSV.truncate_after(directory / log_file, state.step)
-    (directory / "config.yaml").write_text(dump_yaml(config))
+    # a resumed run keeps the config.yaml it started with: plan_run refused one that differs from `config`
+    if action != "resume" or not (directory / "config.yaml").exists():
+        (directory / "config.yaml").write_text(dump_yaml(config))
     write_status(
         directory,
         state="running",
