@@ -346,7 +346,7 @@ def test_bad_input_leaves_an_existing_run_untouched(tmp_path, capsys, monkeypatc
     assert main(["train", *TINY]) == 0
     (tmp_path / "inputs").mkdir()
     argvs = [argv(tmp_path / "inputs") for argv, _ in CASES.values()]
-    argvs.append(["train", *TINY])  # the same run again under io.overwrite=error
+    argvs.append(["train", *TINY, "io.overwrite=error"])  # the same run again, refused
     before = snapshot(tmp_path / "runs")
     for argv in argvs:
         try:

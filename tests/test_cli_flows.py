@@ -10,6 +10,7 @@ import yaml
 
 from loralab.cli import main
 from loralab.config import config_hash, load_config
+from loralab.config.load import run_files
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def test_config_show_prints_the_hash_and_a_yaml_that_reproduces_it(tmp_path, cap
     assert main(["config", "show", *overrides]) == 0
     text = capsys.readouterr().out
     printed = re.match(r"# config hash: ([0-9a-f]{8})\n", text).group(1)
-    assert printed == config_hash(load_config([], overrides))
+    assert printed == config_hash(load_config(run_files([]), overrides))  # no --config: the quickstart, as train
     saved = tmp_path / "resolved.yaml"
     saved.write_text(text)
     assert yaml.safe_load(text)["method"]["adapter"]["r"] == 16

@@ -48,7 +48,7 @@ def test_help_imports_nothing_heavy(argv, tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["config", "show"], ["config", "show", "seed=1", "model.name=tiny-llama"]],
+    [["config", "show"], ["config", "show", "seed=1", "model.name=tiny-llama"], ["config", "list"]],
     ids=" ".join,
 )
 def test_config_verbs_import_nothing_heavy(argv, tmp_path):

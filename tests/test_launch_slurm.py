@@ -30,8 +30,9 @@ def sweep_command(root) -> list[str]:
 
 
 def task_line(index: int, root, rank: str, seed: str) -> str:
-    """What the dry run prints for one array task: `loralab train` with the run's overrides as --set."""
-    overrides = ["io.overwrite=skip", *TINY, f"io.root={root}", f"method.adapter.r={rank}", f"seed={seed}"]
+    """What the dry run prints for one array task: `loralab train` with the run's overrides as --set (no --config:
+    the quickstart, which sets io.overwrite=skip as a sweep would)."""
+    overrides = [*TINY, f"io.root={root}", f"method.adapter.r={rank}", f"seed={seed}"]
     command = [sys.executable, "-m", "loralab", "train", *(f"--set={text}" for text in overrides)]
     return f"# task {index}: {shlex.join(command)}"
 

@@ -141,7 +141,7 @@ def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
     root = tmp_path / "runs"
     assert sweep(root, "--grid", "method.adapter.r=4,8", "--seeds", "42,1337", "--dry-run") == 0
     shared, *lines = capsys.readouterr().out.splitlines()
-    assert shared == f"every run: io.overwrite=skip {' '.join(TINY)} io.root={root}"
+    assert shared == f"every run: {' '.join(TINY)} io.root={root}"  # the quickstart sets io.overwrite=skip itself
     assert lines[-1] == "4 runs: 4 to run, 0 to skip"
     assert [line.split()[:2] for line in lines[:-1]] == [[f"[{i}/4]", "run"] for i in range(1, 5)]
     assert lines[0].endswith("/seed42  method.adapter.r=4 seed=42") and lines[3].endswith(

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the fully resolved config")
     add_config_arguments(show)
     show.set_defaults(handler=cmd_config_show)
+    listing = config_commands.add_parser("list", help="the packaged experiments that --config NAME finds")
+    listing.set_defaults(handler=cmd_config_list)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's adapter, or a base model + adapter on a task")
     evaluate.add_argument("--run", type=Path, help="a run directory (uses its config.yaml and adapter/)")
@@ -132,11 +134,12 @@ def add_hpo_command(commands) -> None:
 
 
 def cmd_hpo(args: argparse.Namespace) -> int:
+    from loralab.config.load import run_files
     from loralab.experiments.hpo import run_hpo
 
     flags = {"n_trials": args.n_trials, "schedule": args.schedule, "storage": args.storage, "study_name": args.study}
     extra = [f"hpo.{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    results = run_hpo(args.config, [*args.set, *args.overrides, *extra], args.workers)
+    results = run_hpo(run_files(args.config), [*args.set, *args.overrides, *extra], args.workers)
     for result in results:
         print(result.line())
     unfinished = [result for result in results if not result.finished and result.plan.timeout is None]
@@ -264,7 +267,13 @@ def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, files: bool = True) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE|NAME",
+        help="a YAML file or a packaged experiment (loralab config list); repeatable, later wins",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a key (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="a.b=v", help="overrides in the bare form")
 
@@ -275,20 +284,24 @@ def resolve(args: argparse.Namespace, extra: list[str] = ()):
     return load_config(args.config, [*extra, *args.set, *args.overrides])
 
 
+def train_config(args: argparse.Namespace):
+    """What `train` runs and `config show` prints: the --config files (none: the quickstart) and the overrides."""
+    from loralab.config.load import load_config, run_files
+
+    return load_config(run_files(args.config), [*args.set, *args.overrides])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from loralab.config.load import packaged_experiment
     from loralab.training.recipe import run_training
 
-    quickstart = not (args.config or args.set or args.overrides)
-    if quickstart:
-        args.config = [str(packaged_experiment("quickstart"))]
+    if not (args.config or args.set or args.overrides):
         print(
             "loralab: no arguments, running the offline quickstart (LoRA on MiniLM, synthetic/sentiment)",
             file=sys.stderr,
         )
     from loralab import collectives
 
-    outcome = run_training(resolve(args))
+    outcome = run_training(train_config(args))
     if collectives.is_main():  # under a multi-process launch every process returns the same outcome
         print_results(outcome.metrics, outcome.directory, outcome.action)
     return 0
@@ -297,9 +310,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     from loralab.config import config_hash, dump_yaml
 
-    config = resolve(args)
+    config = train_config(args)
     print(f"# config hash: {config_hash(config)}")
     print(dump_yaml(config), end="")
+    return 0
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    from loralab.config.load import experiment_names, experiment_summary
+
+    names = experiment_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {experiment_summary(name)}")
     return 0
 
 
@@ -472,14 +495,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from loralab.config.load import run_files
     from loralab.experiments.sweep import describe_plan, parse_seeds, plan_sweep, run_sweep, summary
 
-    overrides = [*args.set, *args.overrides]
-    runs = plan_sweep(args.config, overrides, args.grid, args.ablation, parse_seeds(args.seeds))
+    files, overrides = run_files(args.config), [*args.set, *args.overrides]
+    runs = plan_sweep(files, overrides, args.grid, args.ablation, parse_seeds(args.seeds))
     if args.dry_run:
         print(describe_plan(runs), end="")
         return 0
-    results = run_sweep(runs, args.config, args.jobs)
+    results = run_sweep(runs, files, args.jobs)
     text, legend = summary(results, args.format)
     for line in legend:
         print(line, file=sys.stderr)

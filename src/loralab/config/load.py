@@ -24,6 +24,7 @@ from loralab.errors import ConfigError, did_you_mean, unknown
 
 CONFIGS = resources.files("loralab") / "configs"
 HASH_EXCLUDED = ("seed", "io", "log", "hpo")
+DEFAULT_EXPERIMENT = "quickstart"  # what the CLI's run verbs compose over when no --config is given
 
 
 def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -35,7 +36,7 @@ def compose(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tupl
     """Merge base.yaml, the method preset, the files and the overrides into one plain dict."""
     user: dict = {}
     for file in files:
-        deep_merge(user, read_yaml_file(Path(file)))
+        deep_merge(user, read_yaml_file(config_file(file)))
     for override in overrides:
         key, value = parse_override(override)
         set_dotted(user, key, value)
@@ -108,6 +109,38 @@ def read_packaged(relative: str) -> dict:
 def packaged_experiment(name: str) -> Path:
     """Path of a packaged experiment config such as `quickstart`."""
     return Path(str(CONFIGS / "experiments" / f"{name}.yaml"))
+
+
+def experiment_names() -> list[str]:
+    """Names of the packaged experiments (`--config NAME`): configs/experiments/*.yaml."""
+    folder = CONFIGS / "experiments"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_file(value: str | Path) -> Path:
+    """A `--config` value as a file: an existing path, else a packaged experiment by name (`quickstart`,
+    `grit_alpaca.yaml`, `experiments/grit_alpaca.yaml`); neither is a ConfigError naming the packaged ones."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    name = path.as_posix().removeprefix("experiments/").removesuffix(".yaml").removesuffix(".yml")
+    if name in experiment_names():
+        return packaged_experiment(name)
+    hint = did_you_mean(name, experiment_names()) or f"; packaged experiments: {', '.join(experiment_names())}"
+    raise ConfigError(f"config file not found: {value}" + hint)
+
+
+def run_files(files: list[str] | tuple[str, ...]) -> list[str]:
+    """The config files a CLI run composes: those given, or the packaged quickstart experiment when none is."""
+    return list(files) or [str(packaged_experiment(DEFAULT_EXPERIMENT))]
+
+
+def experiment_summary(name: str) -> str:
+    """The first comment line of a packaged experiment, without its `# `."""
+    for line in packaged_experiment(name).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
 
 
 def schedule_names() -> list[str]:

@@ -237,10 +237,11 @@ def sweep_argvs(command: argparse.Namespace) -> tuple[list[list[str]], str]:
 
 def sweep_runs(command: argparse.Namespace) -> list[SweepRun]:
     """The sweep command's planned runs (every run resolved: a bad key or value fails now)."""
+    from loralab.config.load import run_files
     from loralab.experiments.sweep import parse_seeds, plan_sweep
 
     overrides = [*command.set, *command.overrides]
-    return plan_sweep(command.config, overrides, command.grid, command.ablation, parse_seeds(command.seeds))
+    return plan_sweep(run_files(command.config), overrides, command.grid, command.ablation, parse_seeds(command.seeds))
 
 
 def check_command(verb: str, command: argparse.Namespace) -> None:
@@ -248,9 +249,9 @@ def check_command(verb: str, command: argparse.Namespace) -> None:
     if verb == "sweep":
         sweep_runs(command)
     elif verb in RUN_VERBS:
-        from loralab.config.load import load_config
+        from loralab.config.load import load_config, run_files
 
-        load_config(command.config, [*command.set, *command.overrides])
+        load_config(run_files(command.config), [*command.set, *command.overrides])
 
 
 def overrides_last(argv: Sequence[str], command: argparse.Namespace) -> list[str]:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loralab.config.load import load_config, parse_override, read_yaml_file
+from loralab.config.load import config_file, load_config, parse_override, read_yaml_file
 from loralab.config.schema import RunConfig
 from loralab.errors import ConfigError, DataError, LoraLabError, RunError, first_line, unknown
 from loralab.experiments.report import find_groups, render, table
@@ -141,7 +141,7 @@ def expand(
 def sets_overwrite(files: Sequence[str]) -> bool:
     """Whether a config file sets io.overwrite (an override that sets it wins over the sweep's default anyway)."""
     for file in files:
-        section = read_yaml_file(Path(file)).get("io")
+        section = read_yaml_file(config_file(file)).get("io")
         if isinstance(section, dict) and "overwrite" in section:
             return True
     return False
