@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from loralab.config.familiar import familiar_hint
 from loralab.config.schema import ADAPTER_OPTIONS, GRADIENT_OPTIONS, MethodConfig, RunConfig, TaskConfig
 from loralab.config.tasks import check_task, compose_task
 from loralab.errors import ConfigError, did_you_mean, unknown
@@ -87,7 +88,7 @@ def compose_method(base: dict, user: Any) -> dict:
     unexpected = set(user) - {"name", "adapter", "gradient"}
     if unexpected:
         key = sorted(unexpected)[0]
-        raise ConfigError(f"unknown key 'method.{key}'" + did_you_mean(key, ["name", "adapter", "gradient"]))
+        raise ConfigError(unknown_key(f"method.{key}", ["name", "adapter", "gradient"]))
     return method
 
 
@@ -233,7 +234,7 @@ def build_dataclass(cls: type, data: Any, path: str, skip: set[str] = frozenset(
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ConfigError(f"unknown key '{join(path, key)}'" + did_you_mean(key, fields))
+            raise ConfigError(unknown_key(join(path, key), fields))
     values = {}
     for name, fld in fields.items():
         where = join(path, name)
@@ -460,6 +461,11 @@ def check_shake_align(config: RunConfig) -> None:
             "method.gradient.route=vectorized cannot capture votes under model.gradient_checkpointing; "
             "use route=microbatch"
         )
+
+
+def unknown_key(where: str, known: typing.Iterable[str]) -> str:
+    """An unknown dotted key in one line: loralab's name for a familiar HF/PEFT name, else the closest known key."""
+    return f"unknown key '{where}'" + (familiar_hint(where) or did_you_mean(where.rpartition(".")[2], known))
 
 
 def join(path: str, key: str) -> str:
