@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from loralab.errors import ConfigError, LoraLabError
@@ -22,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("loralab").setLevel(logging.INFO)
     try:
         check_launch(args.command)
-        return args.handler(args)
+        return respond(args)
     except LoraLabError as exc:
         print(f"loralab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -42,6 +45,36 @@ def check_launch(command: str) -> None:
         )
 
 
+@dataclass
+class Reply:
+    """What a verb with --json found: its JSON object, how to print it for a person, and the exit code."""
+
+    payload: dict
+    human: Callable[[], None]
+    code: int = 0
+
+
+def respond(args: argparse.Namespace) -> int:
+    """Run the verb; with --json whatever it prints goes to stderr and its reply is the one JSON object on stdout."""
+    if not getattr(args, "json", False):
+        reply = args.handler(args)
+        if isinstance(reply, int):
+            return reply
+        reply.human()
+        return reply.code
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        reply = args.handler(args)
+    print(json.dumps(reply.payload, default=str), file=stdout)
+    return reply.code
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (directory, action, metrics), nothing else"
+    )
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports usage errors in one line with exit code 2."""
 
@@ -53,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="loralab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    train = commands.add_parser("train", help="train one run (no arguments: the offline quickstart)")
+    train = commands.add_parser("train", help="train one run (no --config: the quickstart, overrides on top)")
     add_config_arguments(train)
+    add_json_argument(train)
     train.set_defaults(handler=cmd_train)
 
     config = commands.add_parser("config", help="inspect configuration")
@@ -73,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="directory for eval.json and predictions.jsonl")
     add_generation_arguments(evaluate)
     add_config_arguments(evaluate, files=True)
+    add_json_argument(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     edit = commands.add_parser("edit", help="edit a trained adapter post hoc")
@@ -97,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     report.add_argument("--out", type=Path, help="write the table here too")
     report.add_argument("--plots", type=Path, metavar="DIR", help="also write convergence and method plots (PNG, PDF)")
+    add_json_argument(report)
     report.set_defaults(handler=cmd_report)
 
     sweep = commands.add_parser("sweep", help="train the product of grids, an ablation and seeds; then the table")
@@ -108,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and what each would do; train nothing")
     sweep.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     sweep.add_argument("--out", type=Path, help="write the table here too")
+    add_json_argument(sweep)
     sweep.set_defaults(handler=cmd_sweep)
     add_hpo_command(commands)
     add_launch_command(commands)
@@ -117,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--predictions", required=True, type=Path)
     score.add_argument("--out", type=Path, help="write the metrics as JSON here too")
     score.add_argument("--profile", choices=GSM8K_PROFILES, help="GSM8K-style tasks: the scoring profile (lm-eval)")
+    add_json_argument(score)
     score.set_defaults(handler=cmd_score)
     return parser
 
@@ -130,22 +168,35 @@ def add_hpo_command(commands) -> None:
     hpo.add_argument("--schedule", metavar="NAME", help="a packaged schedule: preeval or final (hpo.schedule)")
     hpo.add_argument("--storage", metavar="URL", help="Optuna storage URL or journal file (hpo.storage)")
     hpo.add_argument("--study", metavar="NAME", help="study name (hpo.study_name)")
+    add_json_argument(hpo)
     hpo.set_defaults(handler=cmd_hpo)
 
 
-def cmd_hpo(args: argparse.Namespace) -> int:
+def cmd_hpo(args: argparse.Namespace) -> Reply:
     from loralab.config.load import run_files
     from loralab.experiments.hpo import run_hpo
 
     flags = {"n_trials": args.n_trials, "schedule": args.schedule, "storage": args.storage, "study_name": args.study}
     extra = [f"hpo.{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     results = run_hpo(run_files(args.config), [*args.set, *args.overrides, *extra], args.workers)
-    for result in results:
-        print(result.line())
     unfinished = [result for result in results if not result.finished and result.plan.timeout is None]
     for result in unfinished:
         print(f"loralab: study {result.plan.name} is not finished; run the command again to continue", file=sys.stderr)
-    return 1 if unfinished else 0
+    studies = [
+        {
+            "name": result.plan.name,
+            "directory": result.plan.directory,
+            "complete": result.complete,
+            "pruned": result.pruned,
+            "failed": result.failed,
+            "n_trials": result.plan.n_trials,
+            "finished": result.finished,
+            "best": result.best,
+        }
+        for result in results
+    ]
+    payload = {"verb": "hpo", "action": "hpo", "studies": studies}
+    return Reply(payload, lambda: print("\n".join(result.line() for result in results)), 1 if unfinished else 0)
 
 
 def add_launch_command(commands) -> None:
@@ -291,7 +342,8 @@ def train_config(args: argparse.Namespace):
     return load_config(run_files(args.config), [*args.set, *args.overrides])
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> Reply | int:
+    from loralab.config import config_hash
     from loralab.training.recipe import run_training
 
     if not (args.config or args.set or args.overrides):
@@ -301,10 +353,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     from loralab import collectives
 
-    outcome = run_training(train_config(args))
-    if collectives.is_main():  # under a multi-process launch every process returns the same outcome
-        print_results(outcome.metrics, outcome.directory, outcome.action)
-    return 0
+    config = train_config(args)
+    outcome = run_training(config)
+    if not collectives.is_main():  # under a multi-process launch every process returns the same outcome
+        return 0
+    payload = result_payload("train", outcome.action, outcome.directory, outcome.metrics)
+    payload["config_hash"] = config_hash(config)
+    return Reply(payload, lambda: print_results(outcome.metrics, outcome.directory, outcome.action))
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -326,7 +381,7 @@ def cmd_config_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> Reply:
     from loralab.evaluation.standalone import evaluate_adapter
 
     if args.run is not None:
@@ -353,8 +408,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         adapter = args.adapter
         out = args.out or Path("evals") / f"{Path(args.task).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = evaluate_adapter(config, adapter, out, args.max_samples, args.max_new_tokens)
-    print_results(metrics, out, "eval")
-    return 0
+    return Reply(result_payload("eval", "eval", out, metrics), lambda: print_results(metrics, out, "eval"))
 
 
 def cmd_edit_spectral(args: argparse.Namespace) -> int:
@@ -480,65 +534,81 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from loralab.experiments.report import find_groups, render, table
+def cmd_report(args: argparse.Namespace) -> Reply:
+    from loralab.experiments.report import find_groups, render, summaries, table
 
     groups = find_groups(args.paths)
-    emit(render(*table(groups), args.format), args.out)
+    text = render(*table(groups), args.format)
+    if args.out:
+        write_text(args.out, text)
+    payload = {"verb": "report", "action": "report", "groups": summaries(groups), "plots": []}
     if args.plots is not None:
         from loralab.experiments.curves import write_plots
 
         files, notes = write_plots(groups, args.plots)
+        payload["plots"] = [str(path) for path in files]
         for line in [*notes, *(f"plot: {path}" for path in files)]:
             print(line, file=sys.stderr)
-    return 0
+    return Reply(payload, lambda: print(text, end=""))
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def cmd_sweep(args: argparse.Namespace) -> Reply:
     from loralab.config.load import run_files
     from loralab.experiments.sweep import describe_plan, parse_seeds, plan_sweep, run_sweep, summary
 
     files, overrides = run_files(args.config), [*args.set, *args.overrides]
     runs = plan_sweep(files, overrides, args.grid, args.ablation, parse_seeds(args.seeds))
     if args.dry_run:
-        print(describe_plan(runs), end="")
-        return 0
+        plan = [{"directory": str(run.directory), "action": run.action, "point": run.name} for run in runs]
+        return Reply({"verb": "sweep", "action": "dry-run", "runs": plan}, lambda: print(describe_plan(runs), end=""))
     results = run_sweep(runs, files, args.jobs)
     text, legend = summary(results, args.format)
     for line in legend:
         print(line, file=sys.stderr)
-    if text:
-        emit(text, args.out)
+    if text and args.out:
+        write_text(args.out, text)
     failed = [result for result in results if result.state == "failed"]
     if failed:
         print(f"loralab: {len(failed)} of {len(results)} runs failed:", file=sys.stderr)
         for result in failed:
             print(f"  {result.run.label} {result.run.name}: {result.error}", file=sys.stderr)
-        return 1
-    return 0
+    done = [
+        {
+            "directory": str(r.run.directory),
+            "action": r.state,
+            "point": r.run.name,
+            "metrics": r.metrics,
+            "error": r.error,
+        }
+        for r in results
+    ]
+    return Reply({"verb": "sweep", "action": "sweep", "runs": done}, lambda: print(text, end=""), 1 if failed else 0)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def cmd_score(args: argparse.Namespace) -> Reply:
     from loralab.evaluation.standalone import score_predictions
 
     metrics = score_predictions(args.task, args.predictions, args.profile)
     text = json.dumps(metrics, indent=2)
-    print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+        write_text(args.out, text + "\n")
+    payload = {"verb": "score", "action": "score", "predictions": str(args.predictions), "metrics": metrics}
+    return Reply(payload, lambda: print(text))
 
 
-def emit(text: str, out: Path | None) -> None:
-    """Print `text` and, with --out, write it to that file too."""
-    print(text, end="")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` (an --out file), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def result_payload(verb: str, action: str, directory: Path, metrics: dict[str, float]) -> dict:
+    """The --json object of one run: verb, action, directory and metrics."""
+    return {"verb": verb, "action": action, "directory": str(directory), "metrics": metrics}
 
 
 def print_results(metrics: dict[str, float], directory: Path, action: str) -> None:
+    """The metrics as a table and the run directory on a line of its own (never wrapped, so a pipe gets it whole)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -547,9 +617,9 @@ def print_results(metrics: dict[str, float], directory: Path, action: str) -> No
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, f"{value:.4f}")
-    console = Console()
-    console.print(table)
-    console.print(f"run directory: {directory}")
+    terminal = sys.stdout.isatty()
+    Console(width=None if terminal else 10_000).print(table)
+    print(f"run directory: {directory}")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,21 @@ def table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def summaries(groups: list[Group]) -> list[dict]:
+    """Each group as data (`report --json`): its run directories, and per eval metric the mean and sample std of
+    the final values and the mean of the best ones (std null for one seed)."""
+    return [
+        {
+            "name": group.name,
+            "directories": [str(run) for run in group.runs],
+            "metrics": {name: statistics.mean(values) for name, values in final.items()},
+            "std": {name: statistics.stdev(values) if len(values) > 1 else None for name, values in final.items()},
+            "best": {name: statistics.mean(values) for name, values in group.best().items()},
+        }
+        for group, final in ((group, group.final()) for group in groups)
+    ]
+
+
 def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
     """The table as Markdown, CSV or LaTeX (booktabs)."""
     if fmt == "csv":
