@@ -491,13 +491,19 @@ def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def hashed_sections(tree: dict[str, Any], model_kind: str) -> dict[str, Any]:
+    """The sections of a config (as plain data) that the run hash covers: all but HASH_EXCLUDED, and diffusion
+    only for masked-diffusion runs."""
+    excluded = HASH_EXCLUDED if model_kind == "masked_diffusion" else (*HASH_EXCLUDED, "diffusion")
+    return {key: value for key, value in tree.items() if key not in excluded}
+
+
 def config_hash(config: RunConfig) -> str:
     """Stable 8-hex-digit hash of everything that changes results, except the seed (it names the seed dir).
 
     The diffusion section changes only masked-diffusion runs, so other runs keep the hash they had without it.
     """
-    excluded = HASH_EXCLUDED if config.model.kind == "masked_diffusion" else (*HASH_EXCLUDED, "diffusion")
-    data = {k: v for k, v in config_to_dict(config).items() if k not in excluded}
+    data = hashed_sections(config_to_dict(config), config.model.kind)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loralab.config.load import HASH_EXCLUDED, config_hash, dotted_items, dump_yaml, read_yaml_file
+from loralab.config.load import config_hash, dotted_items, dump_yaml, hashed_sections, read_yaml_file
 from loralab.config.schema import RunConfig
 from loralab.errors import ConfigError, RunError, first_line
 
@@ -126,8 +126,7 @@ def check_stored_config(directory: Path, config: RunConfig) -> None:
 
 def hashed_items(tree: dict[str, Any], model_kind: str) -> dict[str, Any]:
     """The dotted keys of a config that config_hash covers (the same sections it leaves out)."""
-    excluded = HASH_EXCLUDED if model_kind == "masked_diffusion" else (*HASH_EXCLUDED, "diffusion")
-    return dotted_items({key: value for key, value in tree.items() if key not in excluded})
+    return dotted_items(hashed_sections(tree, model_kind))
 
 
 def ask_policy(directory: Path) -> str:
