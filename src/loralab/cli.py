@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import sys
@@ -75,18 +76,59 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that names an option by its first long spelling (the others are aliases) and keeps the epilog's lines."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        longs = [name for name in action.option_strings if name.startswith("--")]
+        if len(longs) > 1:
+            action = copy.copy(action)
+            action.option_strings = [name for name in action.option_strings if name not in longs[1:]]
+        return super()._format_action_invocation(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line with exit code 2."""
+    """argparse that reports usage errors in one line with exit code 2; every long option also answers to its other
+    spelling (`--calib-task` and `--calib_task` are one flag, listed dashed)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names: str, **kwargs) -> argparse.Action:
+        return super().add_argument(*with_aliases(names), **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(EXIT_USAGE, f"loralab: error: {message} (see '{self.prog} --help')\n")
+
+
+def with_aliases(names: tuple[str, ...]) -> list[str]:
+    """Option names, each long one followed by its other spelling (dashes ↔ underscores); positionals unchanged."""
+    spelled = []
+    for name in names:
+        other = "--" + (name[2:].replace("_", "-") if "_" in name else name[2:].replace("-", "_"))
+        spelled += [name, other] if name.startswith("--") and other != name else [name]
+    return list(dict.fromkeys(spelled))
+
+
+TRAIN_EPILOG = """\
+Without --config the packaged quickstart experiment is the base and the overrides apply on top.
+`loralab config show` with the same arguments prints exactly what train runs (and its hash);
+`loralab config list` names the packaged experiments --config takes.
+
+examples:
+  loralab train seed=1 train.lr=3e-4
+  loralab train --config shake_align_rte model.name=tiny-roberta task.name=synthetic/entailment method.name=ours
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="loralab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    train = commands.add_parser("train", help="train one run (no --config: the quickstart, overrides on top)")
+    train = commands.add_parser(
+        "train", help="train one run (no --config: the quickstart, overrides on top)", epilog=TRAIN_EPILOG
+    )
     add_config_arguments(train)
     add_json_argument(train)
     train.set_defaults(handler=cmd_train)
@@ -129,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="mean ± std tables of completed runs, grouped by all but the seed")
     report.add_argument("paths", nargs="+", type=Path, help="run roots or run directories")
-    report.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    report.add_argument("--format", choices=("md", "csv", "latex"), default="md", help="table format (default md)")
     report.add_argument("--out", type=Path, help="write the table here too")
     report.add_argument("--plots", type=Path, metavar="DIR", help="also write convergence and method plots (PNG, PDF)")
     add_json_argument(report)
@@ -142,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", default="42,1337,2024", help="comma-separated seeds (default 42,1337,2024)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time; above 1, one process per run")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and what each would do; train nothing")
-    sweep.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    sweep.add_argument("--format", choices=("md", "csv", "latex"), default="md", help="table format (default md)")
     sweep.add_argument("--out", type=Path, help="write the table here too")
     add_json_argument(sweep)
     sweep.set_defaults(handler=cmd_sweep)
@@ -151,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="re-score a predictions.jsonl file")
     score.add_argument("--task", required=True, help="a built-in task name, or a YAML file with a task: section")
-    score.add_argument("--predictions", required=True, type=Path)
+    score.add_argument("--predictions", required=True, type=Path, help="a predictions.jsonl of train or eval")
     score.add_argument("--out", type=Path, help="write the metrics as JSON here too")
     score.add_argument("--profile", choices=GSM8K_PROFILES, help="GSM8K-style tasks: the scoring profile (lm-eval)")
     add_json_argument(score)
@@ -267,12 +309,13 @@ def parse_launched(command: list[str]) -> argparse.Namespace:
 
 def add_generation_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """GSM8K-style evaluation flags; each sets an eval.* key (a flag left out keeps the config's value)."""
-    parser.add_argument(f"--{prefix}fewshot", type=int, help="shots from the train split (default: the profile's, 5)")
-    parser.add_argument(f"--{prefix}profile", choices=GSM8K_PROFILES, help="prompting and scoring (default lm-eval)")
-    parser.add_argument(f"--{prefix}backend", choices=("hf", "vllm"), help="generation backend (default hf)")
-    parser.add_argument(f"--{prefix}max_samples", type=int, help="evaluate the first N examples")
-    parser.add_argument(f"--{prefix}max_new_tokens", type=int, help="token budget (default: the profile's)")
-    parser.add_argument(f"--{prefix}batch_size", type=int, help="generation batch size (default 32)")
+    flag = f"--{prefix.replace('_', '-')}"
+    parser.add_argument(f"{flag}fewshot", type=int, help="shots from the train split (default: the profile's, 5)")
+    parser.add_argument(f"{flag}profile", choices=GSM8K_PROFILES, help="prompting and scoring (default lm-eval)")
+    parser.add_argument(f"{flag}backend", choices=("hf", "vllm"), help="generation backend (default hf)")
+    parser.add_argument(f"{flag}max-samples", type=int, help="evaluate the first N examples")
+    parser.add_argument(f"{flag}max-new-tokens", type=int, help="token budget (default: the profile's)")
+    parser.add_argument(f"{flag}batch-size", type=int, help="generation batch size (default 32)")
 
 
 def generation_overrides(args: argparse.Namespace, prefix: str = "") -> list[str]:
@@ -284,36 +327,54 @@ def generation_overrides(args: argparse.Namespace, prefix: str = "") -> list[str
 
 def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the published LoRA Spectral Edit tool, plus calibration data, device and evaluation choices."""
-    from loralab.edit.options import CHOICES, EditRule
+    from loralab.edit.options import CHOICES, FIELD_HELP, EditRule
 
-    parser.add_argument("--base_model", required=True, help="base model (preset, local path or hub id)")
-    parser.add_argument("--lora_path", required=True, help="LoRA adapter directory or hub id")
-    parser.add_argument("--out_dir", required=True, type=Path, help="directory for the edited adapter")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out_dir")
-    parser.add_argument("--target_modules", nargs="+", default=["down_proj", "o_proj"], metavar="NAME")
-    parser.add_argument("--layer_min", type=int, help="first layer to edit (inclusive)")
-    parser.add_argument("--layer_max", type=int, help="last layer to edit (inclusive)")
-    for name, default in EditRule().as_dict().items():  # the rule's defaults and choices, so they cannot drift
-        if name == "asymmetric_update":
-            parser.add_argument(f"--{name}", action="store_true", help="gd: 2.0·relu(g)^p − 0.2·relu(−g)")
-        elif name in CHOICES:
-            parser.add_argument(f"--{name}", default=default, choices=CHOICES[name], help=f"(default {default})")
-        else:
-            parser.add_argument(f"--{name}", type=type(default), default=default, help=f"(default {default})")
     parser.add_argument(
-        "--calib_task",
+        "--base", "--base-model", required=True, help="base model (preset, local path or hub id); also --base_model"
+    )
+    parser.add_argument(
+        "--adapter", "--lora-path", required=True, help="LoRA adapter directory or hub id; also --lora_path"
+    )
+    parser.add_argument(
+        "--out", "--out-dir", required=True, type=Path, help="directory for the edited adapter; also --out_dir"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["down_proj", "o_proj"],
+        metavar="NAME",
+        help="modules to edit, matched on the last name (default down_proj o_proj)",
+    )
+    parser.add_argument("--layer-min", type=int, help="first layer to edit (inclusive)")
+    parser.add_argument("--layer-max", type=int, help="last layer to edit (inclusive)")
+    for name, default in EditRule().as_dict().items():  # the rule's defaults and choices, so they cannot drift
+        flag, text = "--" + name.replace("_", "-"), FIELD_HELP[name]
+        if name == "asymmetric_update":
+            parser.add_argument(flag, action="store_true", help=text)
+        elif name in CHOICES:
+            parser.add_argument(flag, default=default, choices=CHOICES[name], help=f"{text} (default {default})")
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
+    parser.add_argument(
+        "--calib-task",
         default="gsm8k",
         help="calibration task (train split): a built-in sft/chat task or a YAML file with a task: section",
     )
-    parser.add_argument("--calib_path", help="calibration data in the hub's schema (a file or directory)")
-    parser.add_argument("--calib_samples", type=int, default=32)
-    parser.add_argument("--calib_batch_size", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=512, help="calibration token limit (default 512)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--calib-path", help="calibration data in the hub's schema (a file or directory)")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration examples (default 32)")
+    parser.add_argument("--calib-batch-size", type=int, default=2, help="calibration batch size (default 2)")
+    parser.add_argument("--max-length", type=int, default=512, help="calibration token limit (default 512)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights (default auto: bfloat16 on a GPU, float32 on a CPU)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--eval", choices=("gsm8k",), help="evaluate the source and the edited adapter")
-    parser.add_argument("--eval_task", default="gsm8k", help="GSM8K-style task to evaluate on (default gsm8k)")
-    parser.add_argument("--eval_path", help="evaluation data in the hub's schema (a file or directory)")
+    parser.add_argument("--eval-task", default="gsm8k", help="GSM8K-style task to evaluate on (default gsm8k)")
+    parser.add_argument("--eval-path", help="evaluation data in the hub's schema (a file or directory)")
     add_generation_arguments(parser, prefix="eval_")
 
 
@@ -419,9 +480,9 @@ def cmd_edit_spectral(args: argparse.Namespace) -> int:
     from loralab.evaluation.generate import require_vllm
 
     edit = SpectralEdit(
-        args.base_model,
-        args.lora_path,
-        args.out_dir,
+        args.base,
+        args.adapter,
+        args.out,
         EditRule(**{key: getattr(args, key) for key in EditRule.__dataclass_fields__}),
         tuple(args.target_modules),
         args.layer_min,
@@ -438,13 +499,13 @@ def cmd_edit_spectral(args: argparse.Namespace) -> int:
     config = None
     if args.eval:  # checked before the edit runs, so a bad evaluation setting costs no calibration
         task = [f"task.name={args.eval_task}"] + ([f"task.path={args.eval_path}"] if args.eval_path else [])
-        model = [f"model.name={args.base_model}", f"model.dtype={edit.model_config().dtype}"]
+        model = [f"model.name={args.base}", f"model.dtype={edit.model_config().dtype}"]
         config = load_config([], [*model, *task, *generation_overrides(args, "eval_")])
         if config.eval.backend == "vllm":
             require_vllm()
         load_task(config.task)
     outcome = spectral_edit(edit)
-    print(f"edited {len(outcome.sigma_stats)} modules of {args.lora_path} ({args.mode}): {outcome.out_dir}")
+    print(f"edited {len(outcome.sigma_stats)} modules of {args.adapter} ({args.mode}): {outcome.out_dir}")
     if config is not None:
         results = evaluate_before_after(config, outcome, args.eval_max_samples, args.eval_max_new_tokens)
         print_results({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()}, outcome.out_dir, "edit")
@@ -475,7 +536,9 @@ def add_analysis_commands(commands) -> None:
     merge.add_argument("--base", help="base model (preset, local path or hub id); default: the run's")
     merge.add_argument("--task", help="task (head and probe texts); default: the run's")
     merge.add_argument("--out", type=Path, required=True, help="directory for the merged model and tokenizer")
-    merge.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    merge.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="merged weights (float32)"
+    )
     merge.add_argument("--check", action="store_true", help="compare logits; time adapter, merged and base")
     merge.add_argument("--probe-batch", type=int, default=8, metavar="N", help="probe texts for --check (default 8)")
     merge.add_argument("--tol", type=float, default=1e-5, help="largest allowed max |Δ| of the logits (1e-5)")

@@ -14,6 +14,24 @@ CHOICES = {
     "preserve_energy": ("l1", "l2", "none"),
 }
 
+FIELD_HELP = {  # the CLI's help for each EditRule field (its default is added)
+    "mode": "abs_select: scale the largest-|g| directions up, the smallest down; random_index: the same counts at "
+    "random; gd: one gradient step on σ",
+    "core_frac": "share of the rank scaled by amp_factor (abs_select, random_index)",
+    "noise_frac": "share of the rank scaled by sup_factor (abs_select, random_index)",
+    "amp_factor": "factor on the core directions",
+    "sup_factor": "factor on the noise directions",
+    "mid_factor": "factor on the other directions",
+    "eta": "gd: the step size η",
+    "update_mode": "gd: σ·exp(−η g) (multiplicative) or σ − η g (additive)",
+    "asymmetric_update": "gd: 2.0·relu(g)^p − 0.2·relu(−g) in place of η g",
+    "pos_power": "gd with asymmetric_update: the power p",
+    "grad_norm": "gd: how g is normalised (mean_abs, l2, none)",
+    "preserve_energy": "rescale σ to keep Σσ (l1), ‖σ‖ (l2), or neither (none)",
+    "sigma_clip_min": "lower clamp of the new σ",
+    "seed": "random_index: seed of the random directions",
+}
+
 
 @dataclass(frozen=True)
 class EditRule:
