@@ -233,12 +233,12 @@ def main() -> None:
         f"{steps} steps per side after {args.warmup} warm-up; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    targets = {PACKED: Target("<=", 0.75), GROUPED: Target("<=", 0.75)}
+    targets = {PACKED: Target("<=", 0.5), GROUPED: Target("<=", 0.75)}  # packed: at least 2x padded tokens/s
     comparisons = [comparison("time per real token vs loralab padded", "µs/tok", times, PADDED, targets, scale=1e6)]
     if TRL in times:
         versus = {TRL: times[TRL], PACKED: times[PACKED]}
         comparisons.append(
-            comparison("packed: loralab vs TRL", "µs/tok", versus, TRL, {PACKED: Target("<=", 1.0)}, scale=1e6)
+            comparison("packed: loralab vs TRL", "µs/tok", versus, TRL, {PACKED: Target("<=", 1.05)}, scale=1e6)
         )
     shares = {name: real_share(order, data[name]) for name, order in orders.items()}
     notes = [
