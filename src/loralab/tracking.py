@@ -133,7 +133,8 @@ class WandbTracker(Tracker):
     def start(self, run_dir: Path, run_name: str, config: dict) -> None:
         import wandb
 
-        self.run = wandb.init(dir=str(run_dir), name=run_name, config=config, mode="offline", reinit=True)
+        settings = config["log"]["wandb"]  # project, entity, mode (offline | online)
+        self.run = wandb.init(dir=str(run_dir), name=run_name, config=config, reinit=True, **settings)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)

@@ -344,10 +344,20 @@ class IOConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases (`log.trackers: [wandb]`): offline files in the run directory, or online to a project."""
+
+    project: str | None = None  # null: wandb's default (WANDB_PROJECT, else its own)
+    entity: str | None = None  # null: the logged-in account's default entity
+    mode: Literal["offline", "online"] = "offline"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     csv: bool
     trackers: list[Literal["tensorboard", "wandb", "swanlab", "mlflow"]]
     every: int = required(min=1)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass(frozen=True)
