@@ -159,13 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     spectral.set_defaults(handler=cmd_edit_spectral)
 
     export = commands.add_parser(
-        "export", help="write a dual-rank view, or a GRIT adapter at its reprojection ranks, as a plain PEFT adapter"
+        "export",
+        help="write a dual-rank view, or a GRIT adapter at its reprojection ranks, as a plain PEFT adapter; "
+        "or push an adapter to the Hugging Face Hub",
     )
     export.add_argument("adapter", type=Path, help="adapter directory, or a run directory holding adapter/")
     form = export.add_mutually_exclusive_group()
     form.add_argument("--view", choices=("core", "full"), help="dual-rank view: core (rank r, the default) or full")
     form.add_argument("--compress", action="store_true", help="GRIT: per-module rank k_m (PEFT rank_pattern)")
-    export.add_argument("--out", type=Path, required=True, help="directory for the exported adapter")
+    export.add_argument("--out", type=Path, help="directory for the exported adapter (needed but with --push-to-hub)")
+    export.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="upload the adapter (or the exported one) with a model card to the Hub"
+    )
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     export.set_defaults(handler=cmd_export)
     add_analysis_commands(commands)
 
@@ -513,19 +519,33 @@ def cmd_edit_spectral(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    run = args.adapter if (args.adapter / "adapter").is_dir() else None
+    source = args.adapter / "adapter" if run else args.adapter
+    if args.push_to_hub is None or args.view or args.compress:
+        if args.out is None:
+            raise LoraLabError("export needs --out DIR (only --push-to-hub alone uploads the adapter as it is)")
+        source = write_export(source, args.out, args.view, args.compress)
+    if args.push_to_hub is not None:
+        from loralab.hub import push_adapter
+
+        files = push_adapter(source, args.push_to_hub, args.private, run)
+        print(f"pushed {source} to https://huggingface.co/{args.push_to_hub}: {', '.join(files)}")
+    return 0
+
+
+def write_export(source: Path, out: Path, view: str | None, compress: bool) -> Path:
+    """A GRIT adapter at its per-module ranks (compress) or a dual-rank view (core by default), written to `out`."""
     from loralab.adapters.compress import compress_adapter
     from loralab.adapters.dual_rank import export_view
 
-    source = args.adapter / "adapter" if (args.adapter / "adapter").is_dir() else args.adapter
-    if args.compress:
-        ranks = compress_adapter(source, args.out)
+    if compress:
+        ranks = compress_adapter(source, out)
         low, high, kept = min(ranks.values()), max(ranks.values()), sum(ranks.values())
-        print(f"{source} written at per-module ranks {low}..{high} (sum {kept}) as a PEFT adapter: {args.out}")
-        return 0
-    view = args.view or "core"
-    out = export_view(source, args.out, view)
-    print(f"{view} view of {source} written as a PEFT adapter: {out}")
-    return 0
+        print(f"{source} written at per-module ranks {low}..{high} (sum {kept}) as a PEFT adapter: {out}")
+        return out
+    exported = export_view(source, out, view or "core")
+    print(f"{view or 'core'} view of {source} written as a PEFT adapter: {exported}")
+    return exported
 
 
 def add_analysis_commands(commands) -> None:
