@@ -59,3 +59,12 @@ def test_report_imports_nothing_heavy(tmp_path):
     for seed in (1, 2):
         write_run(tmp_path, "lora", seed, {"accuracy": 0.5 + seed / 10}, [0.5])
     assert probe(["report", str(tmp_path)], tmp_path) == {"code": 0, "heavy": []}
+
+
+def test_a_pipe_closed_early_is_no_traceback(tmp_path):
+    """`loralab config show | head -1`: the reader leaves before the output is written."""
+    command = [sys.executable, "-m", "loralab", "config", "show"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 1
+    assert process.stderr.read() == ""

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loralab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of a pipe left early (`loralab config show | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def check_launch(command: str) -> None:
