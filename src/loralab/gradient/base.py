@@ -5,11 +5,12 @@ micro-batch in order (the regularizer is added to the loss there), then `before_
 then clipping (before `before_step` instead when `clip_first`), the optimizer step, the scheduler, and
 `after_step`; the run writes `diagnostics()` rows to `<name>.csv` and, at the end, `write_outputs(run_dir)`.
 `bind_optimizer` hands over the optimizer once it exists; `state_dict`/`load_state_dict` make resume exact.
+Metric values may be 0-dim tensors: they stay on the device until a step that logs reads them (`host_metrics`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +21,16 @@ from loralab.adapters.base import LoraView
 
 LossFn = Callable[[nn.Module, dict], Tensor]
 Backward = Callable[[Tensor], None]
+Metrics = dict[str, float | Tensor]
+
+
+def host_metrics(metrics: Mapping[str, float | Tensor]) -> dict[str, float]:
+    """Metrics as floats, every tensor value read in one device→host transfer (call it only when logging)."""
+    tensors = {key: value for key, value in metrics.items() if isinstance(value, Tensor)}
+    if not tensors:
+        return dict(metrics)
+    values = torch.stack([value.detach().double() for value in tensors.values()]).tolist()
+    return {**metrics, **dict(zip(tensors, values, strict=True))}
 
 
 class GradientRule(Protocol):
@@ -45,10 +56,10 @@ class GradientRule(Protocol):
     def regularizer(self) -> Tensor | None:
         """A term added to the loss of every micro-batch, or None."""
 
-    def before_step(self, step: int) -> dict[str, float]:
+    def before_step(self, step: int) -> Metrics:
         """Edit `.grad` in place before clipping; return metrics to log."""
 
-    def after_step(self, step: int, loss: float) -> dict[str, float]:
+    def after_step(self, step: int, loss: float) -> Metrics:
         """Periodic work after the optimizer step (statistics, reprojection); return metrics to log."""
 
     def diagnostics(self) -> list[dict]:
@@ -89,10 +100,10 @@ class RuleDefaults:
     def regularizer(self) -> Tensor | None:
         return None
 
-    def before_step(self, step: int) -> dict[str, float]:
+    def before_step(self, step: int) -> Metrics:
         return {}
 
-    def after_step(self, step: int, loss: float) -> dict[str, float]:
+    def after_step(self, step: int, loss: float) -> Metrics:
         return {}
 
     def diagnostics(self) -> list[dict]:

@@ -25,7 +25,7 @@ from loralab.adapters.base import LoraView
 from loralab.adapters.compress import compress_adapter, peft_module_name, save_projectors
 from loralab.config.schema import GritOptions
 from loralab.errors import ConfigError
-from loralab.gradient.base import Backward, LossFn, RuleDefaults
+from loralab.gradient.base import Backward, LossFn, Metrics, RuleDefaults
 from loralab.gradient.kfac import damped_inverses, eigen_descending, precondition, project_moments
 from loralab.gradient.rank_stats import RankStatistics
 from loralab.lowrank import energy_rank
@@ -144,7 +144,7 @@ class Grit(RuleDefaults):
         key = (self.stats.version, self.bases_version)
         if self.cached_weights is not None and self.cached_weights[0] == key:
             return self.cached_weights[1]
-        o, weights = self.options, {}
+        o, candidates = self.options, {}
         if o.lambda_kfac or o.lambda_reproj:
             for name, state in self.modules.items():
                 a, g, device = self.stats.a[name], self.stats.g[name], self.views[name].A.device
@@ -152,14 +152,16 @@ class Grit(RuleDefaults):
                 if o.lambda_reproj and state.basis_a is not None:
                     weight_a = weight_a + o.lambda_reproj * complement(state.basis_a)
                     weight_g = weight_g + o.lambda_reproj * complement(state.basis_g)
-                if (a.count or state.basis_a is not None) and weight_a.isfinite().all() and weight_g.isfinite().all():
-                    weights[name] = (weight_a, weight_g)
+                if a.count or state.basis_a is not None:
+                    candidates[name] = (weight_a, weight_g)
+        finite = finite_names(candidates)
+        weights = {name: pair for name, pair in candidates.items() if name in finite}
         self.cached_weights = (key, weights)
         return weights
 
     # ---- per optimizer step -----------------------------------------------------------------------
 
-    def before_step(self, step: int) -> dict[str, float]:
+    def before_step(self, step: int) -> Metrics:
         """Replace each LoRA gradient by its natural gradient (once inverses exist and NG warmup is over)."""
         if step < self.options.ng_warmup_steps:
             return {}
@@ -176,9 +178,9 @@ class Grit(RuleDefaults):
                 view.B.grad.copy_(grad_B)
                 part = grad_A.square().sum() + grad_B.square().sum()
                 norm_sq = part if norm_sq is None else norm_sq + part
-        return {} if norm_sq is None else {"grit/ng_grad_norm": float(norm_sq.sqrt())}
+        return {} if norm_sq is None else {"grit/ng_grad_norm": norm_sq.sqrt()}  # read only when the step logs
 
-    def after_step(self, step: int, loss: float) -> dict[str, float]:
+    def after_step(self, step: int, loss: float) -> Metrics:
         """Adapt damping and periods from the loss history; refresh inverses; reproject when due."""
         o = self.options
         self.steps_done = step
@@ -332,6 +334,14 @@ class Grit(RuleDefaults):
         self.losses = deque(state["losses"], maxlen=LOSS_WINDOW)
         self.last_inversion, self.last_reprojection = int(state["last_inversion"]), int(state["last_reprojection"])
         self.bases_version += 1
+
+
+def finite_names(pairs: dict[str, tuple[Tensor, Tensor]]) -> set[str]:
+    """The names whose two tensors are finite everywhere, found in one host read for all of them."""
+    if not pairs:
+        return set()
+    flags = torch.stack([torch.stack([a.isfinite().all(), g.isfinite().all()]).all() for a, g in pairs.values()])
+    return {name for name, finite in zip(pairs, flags.tolist(), strict=True) if finite}
 
 
 def complement(basis: Tensor) -> Tensor:

@@ -21,13 +21,13 @@ from loralab import collectives
 from loralab.adapters.base import LoraView
 from loralab.config.schema import HistoryOptions, ShakeAlignOptions, TriggerOptions
 from loralab.errors import ConfigError
-from loralab.gradient.base import Backward, LossFn, RuleDefaults
+from loralab.gradient.base import Backward, LossFn, Metrics, RuleDefaults
 from loralab.gradient.probes import Pieces, VoteProbes
 from loralab.gradient.votes import (
     EPS,
     BlockVotes,
     C2Stats,
-    c2_statistics,
+    c2_values,
     flatten_parts,
     loss_units,
     unflatten_parts,
@@ -167,11 +167,12 @@ def joint_direction(g_r: Tensor, g_hi: Tensor, upstream: bool) -> tuple[Tensor, 
     z₁ ⟂ z₂ (disjoint supports), so z₁·z₂ = 0. `fixed` rescales z to the norm of (g_r, g_hi); the scaffold
     made it unit length.
     """
-    g11, g22 = float(g_r.square().sum()), float(g_hi.square().sum())
-    lam = clip(g11 / (g22 + UPSTREAM_EPS) if upstream else g11 / max(g22, EPS), 0.0, 1.0)
-    z_norm = math.sqrt(g11 + lam * lam * g22)
-    scale = 1.0 / (z_norm + UPSTREAM_EPS) if upstream else math.sqrt(g11 + g22) / max(z_norm, EPS)
-    return g_r * scale, g_hi * (lam * scale)
+    # float64 0-dim tensors on the device: the same IEEE operations as on host floats, without reading them back
+    g11, g22 = g_r.square().sum().double(), g_hi.square().sum().double()
+    lam = (g11 / (g22 + UPSTREAM_EPS) if upstream else g11 / g22.clamp_min(EPS)).clamp(0.0, 1.0)
+    z_norm = (g11 + lam * lam * g22).sqrt()
+    scale = 1.0 / (z_norm + UPSTREAM_EPS) if upstream else (g11 + g22).sqrt() / z_norm.clamp_min(EPS)
+    return g_r * scale.to(g_r.dtype), g_hi * (lam * scale).to(g_hi.dtype)
 
 
 class ShakeAlign(RuleDefaults):
@@ -189,6 +190,7 @@ class ShakeAlign(RuleDefaults):
         self.buffers: dict[str, BlockVotes] = {}
         self.seen = 0
         self.rows: list[dict] = []
+        self.layout: tuple[tuple[tuple[int, int], ...], Tensor, Tensor] | None = None
 
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
         if not lora_modules or any(view.split is None for view in lora_modules.values()):
@@ -262,21 +264,31 @@ class ShakeAlign(RuleDefaults):
 
     # ---- diagnosis, then correction ----------------------------------------------------------------
 
+    def window_weights(self) -> tuple[Tensor, Tensor]:
+        """The windows' weights w_k and the vote matrix, on the buffers' device; built once per window layout (a
+        host-to-device copy every step would wait for the device)."""
+        key = tuple(self.windows)
+        if self.layout is None or self.layout[0] != key:
+            examples, o, device = self.windows[-1][1], self.o, next(iter(self.buffers.values())).A.device
+            weights = torch.tensor([(end - start) / examples for start, end in self.windows], dtype=torch.float64)
+            votes = vote_matrix(len(self.windows), o.keep_single_votes, o.combine_votes, o.combine_size, o.combine_max)
+            self.layout = (key, weights.to(device), votes.to(device))
+        return self.layout[1], self.layout[2]
+
     @torch.no_grad()
-    def before_step(self, step: int) -> dict[str, float]:
-        examples = self.windows[-1][1]
+    def before_step(self, step: int) -> Metrics:
         collectives.all_mean_([t for block in self.buffers.values() for t in (block.A, block.B)])  # global votes
-        weights = torch.tensor([(end - start) / examples for start, end in self.windows], dtype=torch.float64)
+        weights, votes = self.window_weights()
         o = self.o
-        votes = vote_matrix(len(self.windows), o.keep_single_votes, o.combine_votes, o.combine_size, o.combine_max)
         parts = {name: block.parts(weights) for name, block in self.buffers.items()}
         self.set_batch_gradients(weights)
         if votes.shape[0] < 2:
             return {"shake/skipped": 1.0, "shake/votes": float(votes.shape[0])}
 
-        fresh = {
-            name: c2_statistics(*(votes @ (m @ m.T).double() @ votes.T for m in part)) for name, part in parts.items()
-        }
+        values = torch.stack(
+            [c2_values(*(votes @ (m @ m.T).double() @ votes.T for m in part)) for part in parts.values()]
+        ).tolist()  # the step's statistics of every block in one host read: the trigger and the gates need them
+        fresh = {name: C2Stats(*row) for name, row in zip(parts, values, strict=True)}
         smoothed = {name: self.history.update(name, stats) for name, stats in fresh.items()}
         triggered = triggered_blocks({b: s.metric(o.trigger.metric) for b, s in smoothed.items()}, o.trigger)
         applied: dict[str, Coefficients] = {}

@@ -97,20 +97,23 @@ class C2Stats:
         return 1.0 - self.A_b if name == "misalign" else getattr(self, name)
 
 
-def mean_pairwise_cosine(gram: Tensor) -> float:
-    """Mean over pairs i<j of gram[i,j] / max(√(gram[i,i]·gram[j,j]), ε)."""
+def mean_pairwise_cosine(gram: Tensor) -> Tensor:
+    """Mean over pairs i<j of gram[i,j] / max(√(gram[i,i]·gram[j,j]), ε), as a 0-dim tensor on gram's device."""
     norms = gram.diagonal().clamp_min(0).sqrt()
-    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1)
-    return float((gram[i, j] / (norms[i] * norms[j]).clamp_min(EPS)).mean())
+    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1, device=gram.device)
+    return (gram[i, j] / (norms[i] * norms[j]).clamp_min(EPS)).mean()
 
 
-def c2_statistics(gram_core: Tensor, gram_extension: Tensor) -> C2Stats:
-    """C_r, C_R and A_b from the Gram matrices of the core and extension parts of the votes (V ≥ 2)."""
+def c2_values(gram_core: Tensor, gram_extension: Tensor) -> Tensor:
+    """C_r, C_R and A_b (a 3-vector on the device, no host read) from the Gram matrices of the core and extension
+    parts of the votes (V ≥ 2)."""
     gram_full = gram_core + gram_extension
     consensus_core = gram_core.sum().clamp_min(0).sqrt()
     consensus_full = gram_full.sum().clamp_min(0).sqrt()
-    return C2Stats(
-        C_r=mean_pairwise_cosine(gram_core),
-        C_R=mean_pairwise_cosine(gram_full),
-        A_b=float(consensus_core / consensus_full.clamp_min(EPS)),
-    )
+    A_b = consensus_core / consensus_full.clamp_min(EPS)
+    return torch.stack([mean_pairwise_cosine(gram_core), mean_pairwise_cosine(gram_full), A_b])
+
+
+def c2_statistics(gram_core: Tensor, gram_extension: Tensor) -> C2Stats:
+    """`c2_values` on the host."""
+    return C2Stats(*c2_values(gram_core, gram_extension).tolist())

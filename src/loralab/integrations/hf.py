@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from loralab.adapters.lora import peft_lora_views
-from loralab.gradient.base import GradientRule
+from loralab.gradient.base import GradientRule, host_metrics
 
 RULE_STATE = "loralab_rule.pt"
 
@@ -90,7 +90,7 @@ class GradientRuleTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Training-loss rows also carry the rule's latest metrics."""
         if "loss" in logs:
-            logs = {**logs, **self.rule_metrics}
+            logs = {**logs, **host_metrics(self.rule_metrics)}
         super().log(logs, *args, **kwargs)
 
 

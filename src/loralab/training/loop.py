@@ -8,26 +8,36 @@ then logging, evaluation and checkpoints through the `LoopEvents` the caller pro
 
 Under data parallelism (P processes) every micro-batch is split into P consecutive parts, one per process, and
 the gradients are averaged once per step, after the last micro-batch (see `micro_batches`).
+
+On a GPU every read of a device value waits for the device, so the loop reads once per step: the loss (summed on
+the device) and the gradient norm together, for the non-finite guard and the log; rules' tensor metrics are read
+only on steps that log (tests/test_host_syncs.py pins the count per method).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import resource
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 
 from loralab import collectives
 from loralab.config.schema import TrainConfig
 from loralab.data.collate import collate
 from loralab.errors import LoraLabError
-from loralab.gradient.base import GradientRule
+from loralab.gradient.base import GradientRule, host_metrics
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -123,18 +133,20 @@ def smallest_part(num_examples: int, batch_size: int, micro_size: int, processes
     return min(micro) // processes
 
 
-def average_gradients(parameters: list[nn.Parameter], loss: float, tokens: int) -> tuple[float, int]:
-    """Mean gradients, mean loss and total tokens over processes; a gradient no process has stays None."""
+def average_gradients(parameters: list[nn.Parameter], loss: Tensor, tokens: int) -> tuple[Tensor, int]:
+    """Mean gradients, mean loss (a float64 tensor) and total tokens over processes; a gradient no process has stays
+    None. Under data parallelism this costs one host read per step (which parameters have a gradient anywhere)."""
     if collectives.world_size() == 1:
         return loss, tokens
     device = parameters[0].device
-    local = [loss, tokens] + [float(p.grad is not None) for p in parameters]
-    scalars = collectives.all_sum(torch.tensor(local, dtype=torch.float64, device=device))
-    for parameter, anywhere in zip(parameters, scalars[2:].tolist(), strict=True):
+    local = [tokens] + [float(p.grad is not None) for p in parameters]
+    scalars = collectives.all_sum(torch.cat([loss.reshape(1), torch.tensor(local, dtype=torch.float64, device=device)]))
+    counts = scalars[1:].tolist()
+    for parameter, anywhere in zip(parameters, counts[1:], strict=True):
         if anywhere and parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
     collectives.all_mean_([p.grad for p in parameters if p.grad is not None])
-    return float(scalars[0]) / collectives.world_size(), int(scalars[1])
+    return scalars[0] / collectives.world_size(), int(counts[0])
 
 
 def prepare_for_loop(
@@ -174,6 +186,91 @@ def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**inputs).loss
 
 
+@dataclass(frozen=True)
+class PreparedBatch:
+    """One optimizer batch collated ahead of its step: its size, this process's micro-batches (in pinned memory
+    for a CUDA device) and their real tokens."""
+
+    examples: int
+    micro: list[tuple[MicroBatch, dict[str, Tensor]]]
+    tokens: int
+
+
+def next_position(epoch: int, position: int, steps_per_epoch: int) -> tuple[int, int]:
+    """The (epoch, position) of the batch after this one."""
+    return (epoch + 1, 0) if position + 1 >= steps_per_epoch else (epoch, position + 1)
+
+
+def prepared_batches(
+    features: list[dict],
+    order: BatchOrder | LengthGroupedOrder,
+    start: tuple[int, int],
+    micro_size: int,
+    pad_token_id: int,
+    pin: bool,
+) -> Iterator[PreparedBatch]:
+    """Every batch from `start` (epoch, position) on, in the loop's order, collated (and pinned when `pin`)."""
+    processes, rank = collectives.world_size(), collectives.rank()
+    epoch, position = start
+    while True:
+        indices = order.batch(epoch, position)
+        micro = []
+        for part in micro_batches(indices, micro_size, processes, rank):
+            batch = collate([features[i] for i in part.indices], pad_token_id)
+            micro.append((part, {k: v.pin_memory() for k, v in batch.items()} if pin else batch))
+        tokens = sum(len(features[i]["input_ids"]) for part, _ in micro for i in part.indices)  # packed or not
+        yield PreparedBatch(len(indices), micro, tokens)
+        epoch, position = next_position(epoch, position, order.steps_per_epoch)
+
+
+class Prefetcher(Generic[T]):
+    """The items of an iterator, made ahead in one background thread with at most `depth` waiting; `close` ends the
+    thread. An error in the thread is raised by the `next` that would have returned its item."""
+
+    def __init__(self, items: Iterator[T], depth: int = 2) -> None:
+        self.items, self.queue, self.stopped = items, queue.Queue(maxsize=depth), threading.Event()
+        self.thread = threading.Thread(target=self.produce, name="loralab-prefetch", daemon=True)
+        self.thread.start()
+
+    def produce(self) -> None:
+        try:
+            for item in self.items:
+                self.queue.put((item, None))
+                if self.stopped.is_set():
+                    return
+        except BaseException as error:  # handed to the training thread
+            self.queue.put((None, error))
+
+    def __next__(self) -> T:
+        item, error = self.queue.get()
+        if error is not None:
+            raise error
+        return item
+
+    def close(self) -> None:
+        """Stop and join the thread: once the queue is drained, its one pending `put` returns and it sees the flag."""
+        self.stopped.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.thread.join()
+
+
+def accumulate(model: nn.Module, batch: PreparedBatch, rule: GradientRule, accelerator: Accelerator) -> Tensor:
+    """Forward and backward every micro-batch of one optimizer batch through the rule, each weighted by its share of
+    the batch; the weighted loss sum, in float64 on the device (the host's float sum, bit for bit, without a read)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    rule.begin_step(batch.examples)
+    for part, micro in batch.micro:
+        inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in micro.items()}  # async from pinned memory
+        rule.locate(part.start)
+        loss = rule.compute_gradients(
+            model, inputs, model_loss, lambda value, w=part.weight: accelerator.backward(value * w)
+        )
+        loss_sum = loss_sum + loss.double() * part.weight
+    return loss_sum
+
+
 def train(
     model: nn.Module,
     features: list[dict],
@@ -188,78 +285,73 @@ def train(
     events: LoopEvents,
     log_every: int,
 ) -> TrainState:
-    """Run optimizer steps from `state` until the step budget is spent; returns the final state."""
+    """Run optimizer steps from `state` until the step budget is spent; returns the final state.
+
+    The next batches are collated by a background thread (`Prefetcher`) while the device works on this one.
+    """
     steps = total_steps(cfg, order.steps_per_epoch)
-    micro_size = cfg.batch_size // cfg.grad_accum
-    processes, rank = collectives.world_size(), collectives.rank()
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    while state.step < steps:
-        started = time.perf_counter()
-        indices = order.batch(state.epoch, state.position)
-        state.position += 1
-        epoch_ended = state.position >= order.steps_per_epoch
-        if epoch_ended:
-            state.epoch, state.position = state.epoch + 1, 0
+    start, pin = (state.epoch, state.position), accelerator.device.type == "cuda"
+    batches = Prefetcher(prepared_batches(features, order, start, cfg.batch_size // cfg.grad_accum, pad_token_id, pin))
+    try:
+        while state.step < steps:
+            started = time.perf_counter()
+            batch = next(batches)
+            state.epoch, state.position = next_position(state.epoch, state.position, order.steps_per_epoch)
+            epoch_ended = state.position == 0
 
-        # forward + backward per micro-batch, each weighted by its share of the batch; one gradient sync per step
-        loss_sum, tokens = 0.0, 0
-        rule.begin_step(len(indices))
-        with accelerator.no_sync(model):
-            for part in micro_batches(indices, micro_size, processes, rank):
-                micro = collate([features[i] for i in part.indices], pad_token_id)
-                tokens += sum(len(features[i]["input_ids"]) for i in part.indices)  # real tokens, packed or not
-                batch = {k: v.to(accelerator.device) for k, v in micro.items()}
-                rule.locate(part.start)
-                loss = rule.compute_gradients(
-                    model, batch, model_loss, lambda value, w=part.weight: accelerator.backward(value * w)
-                )
-                loss_sum += float(loss) * part.weight
-        loss_sum, tokens = average_gradients(parameters, loss_sum, tokens)
+            with accelerator.no_sync(model):  # one gradient sync per step, after the last micro-batch
+                loss_sum = accumulate(model, batch, rule, accelerator)
+            loss_sum, tokens = average_gradients(parameters, loss_sum, batch.tokens)
 
-        # the gradient rule edits .grad, then clip, step, schedule (clip first for rules that ask for it)
-        if accelerator.scaler is not None:
-            accelerator.unscale_gradients()
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        rule_metrics = {} if rule.clip_first else rule.before_step(state.step)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-        if rule.clip_first:
-            rule_metrics = rule.before_step(state.step)
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            # the gradient rule edits .grad, then clip, step, schedule (clip first for rules that ask for it)
+            if accelerator.scaler is not None:
+                accelerator.unscale_gradients()
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+            rule_metrics = {} if rule.clip_first else rule.before_step(state.step)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            if rule.clip_first:
+                rule_metrics = rule.before_step(state.step)
+            # the step's one host read: loss and gradient norm together, for the non-finite guard and the log
+            loss_value, grad_norm = torch.stack([loss_sum, norm.double()]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                state.bad_steps += 1
+                events.log(state.step, "train", {"bad_step": 1.0, "bad_steps": float(state.bad_steps)})
+                if state.bad_steps > cfg.max_bad_steps:
+                    raise LoraLabError(
+                        f"training diverged: {state.bad_steps} steps with a non-finite loss or gradient "
+                        f"(train.max_bad_steps={cfg.max_bad_steps}); lower train.lr or enable train.max_grad_norm"
+                    )
+                continue
+            optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state.bad_steps += 1
-            events.log(state.step, "train", {"bad_step": 1.0, "bad_steps": float(state.bad_steps)})
-            if state.bad_steps > cfg.max_bad_steps:
-                raise LoraLabError(
-                    f"training diverged: {state.bad_steps} steps with a non-finite loss or gradient "
-                    f"(train.max_bad_steps={cfg.max_bad_steps}); lower train.lr or enable train.max_grad_norm"
-                )
-            continue
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        rule_metrics |= rule.after_step(state.step, loss_sum)
+            state.step += 1
+            rule_metrics |= rule.after_step(state.step, loss_value)
 
-        seconds = time.perf_counter() - started
-        state.seconds += seconds
-        state.tokens += tokens
-        if state.step % log_every == 0 or state.step == steps:
-            events.log(
-                state.step,
-                "train",
-                {
-                    "loss": loss_sum,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens / seconds,
-                    "step_time_s": seconds,
-                    "peak_mem_mb": peak_memory_mb(),
-                    "epoch": state.epoch + state.position / order.steps_per_epoch,
-                    **rule_metrics,
-                },
-            )
-        events.after_step(state, epoch_ended, state.step == steps)
+            seconds = time.perf_counter() - started
+            state.seconds += seconds
+            state.tokens += tokens
+            if state.step % log_every == 0 or state.step == steps:
+                events.log(
+                    state.step,
+                    "train",
+                    {
+                        "loss": loss_value,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens / seconds,
+                        "step_time_s": seconds,
+                        "peak_mem_mb": peak_memory_mb(),
+                        "epoch": state.epoch + state.position / order.steps_per_epoch,
+                        **host_metrics(rule_metrics),
+                    },
+                )
+            events.after_step(state, epoch_ended, state.step == steps)
+    finally:
+        batches.close()
     return state
 
 

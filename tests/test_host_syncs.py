@@ -1,0 +1,193 @@
+"""The GPU-ready loop on the CPU: device→host reads per optimizer step, pinned per method (docs/gpu.md, "Host
+reads"), and the batches a background thread prepares ahead.
+
+A `TorchFunctionMode` counts every call that reads a tensor's value back to the host (`item`, `float()`, `int()`,
+`bool()`, `tolist`, `cpu`, `numpy`, `nonzero`, ...) made directly by loralab's own code, between one step's end and
+the next, over 10 steps of 4 micro-batches that do not log (only the run's last step does). On a GPU each such read
+waits for the device. Reads inside torch and transformers are not loralab's and are not counted (AdamW's step
+counter lives on the host anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from torch.overrides import TorchFunctionMode
+
+from loralab.config import RunConfig, load_config
+from loralab.training.loop import BatchOrder, Prefetcher, TrainState, prepare_for_loop, train
+from loralab.training.optim import build_optimizer, build_scheduler
+from loralab.training.recipe import RunParts, new_accelerator, prepare
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
+
+READS = frozenset(
+    {"item", "__float__", "__int__", "__index__", "__bool__", "tolist", "cpu", "numpy", "nonzero", "equal"}
+)
+LORALAB = str(Path(__import__("loralab").__file__).parent)
+STEPS, NEVER = 10, 10**6
+COMMON = ["task.train_samples=64", "train.batch_size=8", "train.grad_accum=4", "train.warmup_ratio=0"]
+LLAMA = ["model.name=tiny-llama", "task.name=synthetic/arithmetic", "task.max_length=256", "method.adapter.dropout=0"]
+GRIT = [  # a covariance recording every 2nd step (every 8th backward); fixed periods, no inversion while counted
+    "method.name=grit",
+    "method.gradient.cov_update_freq=8",
+    "method.gradient.kfac_update_freq=11",
+    "method.gradient.reprojection_freq=11",
+    "method.gradient.kfac_min_samples=16",
+    "method.gradient.adaptive=false",
+]
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads whose caller is loralab's code; `per_step` holds one count per finished step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.per_step = 0, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in READS and sys._getframe(1).f_code.co_filename.startswith(LORALAB):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        return None
+
+    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
+        self.per_step.append(self.count)
+        self.count = 0
+
+
+def reads_per_step(tmp_path: Path, overrides: list[str], warmup: int = 0) -> tuple[list[int], RunParts]:
+    """Host reads in each of `STEPS` steps that follow `warmup` uncounted ones, on the real loop; and the parts."""
+    config: RunConfig = load_config([], [*COMMON, *overrides, f"io.root={tmp_path}"])
+    parts = prepare(config)
+    accelerator = new_accelerator("no")
+    model, optimizer = prepare_for_loop(accelerator, parts.model, build_optimizer(parts.model, config.train))
+    parts.rule.bind_optimizer(optimizer)
+    scheduler = build_scheduler(optimizer, config.train, warmup + STEPS)
+    order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
+    state, counter, pad = TrainState(), HostReads(), parts.tokenizer.pad_token_id
+
+    def advance(steps: int) -> TrainState:
+        budget = dataclasses.replace(config.train, max_steps=steps)
+        return train(
+            model,
+            parts.features,
+            parts.rule,
+            budget,
+            accelerator,
+            optimizer,
+            scheduler,
+            state,
+            order,
+            pad,
+            counter,
+            NEVER,
+        )
+
+    if warmup:
+        state = advance(warmup)
+    with counter:
+        advance(warmup + STEPS)
+    return counter.per_step[-STEPS:], parts
+
+
+def test_baseline_reads_once_per_step(tmp_path):
+    """LoRA, no rule: the non-finite guard's one read (loss and gradient norm together), nothing per micro-batch."""
+    reads, _ = reads_per_step(tmp_path, [*LLAMA, "method.name=lora"])
+    assert reads == [1] * STEPS
+
+
+def test_shake_align_reads_twice_per_step(tmp_path):
+    """Shake-to-Align (4 votes a step): its statistics of every block in one read, then the guard's."""
+    ours = ["model.name=tiny-bert", "method.name=ours", "method.gradient.samples_per_vote=2"]
+    reads, parts = reads_per_step(tmp_path, [*ours, "method.adapter.dropout=0"])
+    assert reads == [2] * STEPS
+    assert len(parts.rule.windows) == 4
+
+
+def test_grit_reads_once_per_step_and_twice_more_per_covariance_recording(tmp_path):
+    """GRIT, preconditioning after its inversion at step 11: the guard's read every step; a recorded micro-batch (every
+    8th backward: the first of steps 13, 15, ...) finds its real tokens (one read) and the next micro-batch refreshes
+    the regularizer's weights (one read for every module), as the first after an inversion does (step 12). The run's
+    last step logs: the natural-gradient norm is read then."""
+    reads, parts = reads_per_step(tmp_path, [*LLAMA, *GRIT], warmup=11)
+    assert all(state.inverse_a is not None for state in parts.rule.modules.values())
+    assert reads == [2, 3, 1, 3, 1, 3, 1, 3, 1, 3 + 1]
+
+
+def test_prefetcher_yields_in_order_and_raises_the_threads_error():
+    def items():
+        yield from range(5)
+        raise ValueError("bad row")
+
+    prefetcher = Prefetcher(items())
+    assert [next(prefetcher) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="bad row"):
+        next(prefetcher)
+    prefetcher.close()
+    assert not prefetcher.thread.is_alive()
+
+
+def test_prefetcher_closes_while_its_thread_waits_on_a_full_queue():
+    prefetcher = Prefetcher(itertools.count())
+    assert next(prefetcher) == 0
+    prefetcher.close()  # the thread is blocked putting item 3 into a queue of 2
+    assert not prefetcher.thread.is_alive()
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAt:
+    """LoopEvents that raise at a step, as a stop request does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        return None
+
+    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
+        if state.step == self.step:
+            raise Stop
+
+
+def test_no_prefetch_thread_outlives_train_even_when_a_step_raises(tmp_path):
+    config = load_config([], [*COMMON, "model.name=tiny-bert", "train.max_steps=4", f"io.root={tmp_path}"])
+    parts = prepare(config)
+    accelerator = new_accelerator("no")
+    model, optimizer = prepare_for_loop(accelerator, parts.model, build_optimizer(parts.model, config.train))
+    scheduler = build_scheduler(optimizer, config.train, 4)
+    order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
+    pad = parts.tokenizer.pad_token_id
+
+    def run(events) -> None:
+        train(
+            model,
+            parts.features,
+            parts.rule,
+            config.train,
+            accelerator,
+            optimizer,
+            scheduler,
+            TrainState(),
+            order,
+            pad,
+            events,
+            NEVER,
+        )
+
+    before = threading.active_count()
+    run(StopAt(0))
+    with pytest.raises(Stop):
+        run(StopAt(2))
+    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name == "loralab-prefetch"]
