@@ -32,19 +32,51 @@ HERE = Path(__file__).resolve().parent
 TEAMS = ("billing", "shipping", "technical")
 
 PRODUCTS = [
-    "blender", "headphones", "desk lamp", "router", "smart speaker", "coffee maker",
-    "backpack", "phone case", "keyboard", "monitor", "thermostat", "camera",
-    "air purifier", "fitness tracker", "kettle", "webcam", "printer", "vacuum",
+    "blender",
+    "headphones",
+    "desk lamp",
+    "router",
+    "smart speaker",
+    "coffee maker",
+    "backpack",
+    "phone case",
+    "keyboard",
+    "monitor",
+    "thermostat",
+    "camera",
+    "air purifier",
+    "fitness tracker",
+    "kettle",
+    "webcam",
+    "printer",
+    "vacuum",
 ]
 ORDER_WORDS = ["order", "purchase", "package", "account", "subscription", "plan"]
 GREETINGS = [
-    "", "", "", "Hi,", "Hello,", "Hi there,", "Good morning,", "Hey team,",
-    "Hello support,", "Dear support team,",
+    "",
+    "",
+    "",
+    "Hi,",
+    "Hello,",
+    "Hi there,",
+    "Good morning,",
+    "Hey team,",
+    "Hello support,",
+    "Dear support team,",
 ]
 SIGNOFFS = [
-    "", "", "", "Thanks.", "Thank you!", "Please help.", "Any update would be great.",
-    "Regards, a frustrated customer.", "Thanks in advance.", "Let me know, thanks.",
-    "This is urgent.", "Appreciate it.",
+    "",
+    "",
+    "",
+    "Thanks.",
+    "Thank you!",
+    "Please help.",
+    "Any update would be great.",
+    "Regards, a frustrated customer.",
+    "Thanks in advance.",
+    "Let me know, thanks.",
+    "This is urgent.",
+    "Appreciate it.",
 ]
 # Phrases that carry no label information but share vocabulary across classes.
 DISTRACTORS = [
@@ -191,10 +223,46 @@ def write_csv(path: Path, rows: list[dict], start_id: int) -> None:
 # ---------------------------------------------------------------------------
 
 WORDS = [
-    "cat", "dog", "sun", "tree", "book", "lamp", "fish", "bird", "cake", "rain",
-    "star", "moon", "boat", "milk", "door", "frog", "leaf", "rock", "ship", "wind",
-    "apple", "house", "river", "green", "light", "stone", "cloud", "bread", "chair", "plant",
-    "table", "water", "music", "horse", "tiger", "lemon", "grape", "train", "snow", "fire",
+    "cat",
+    "dog",
+    "sun",
+    "tree",
+    "book",
+    "lamp",
+    "fish",
+    "bird",
+    "cake",
+    "rain",
+    "star",
+    "moon",
+    "boat",
+    "milk",
+    "door",
+    "frog",
+    "leaf",
+    "rock",
+    "ship",
+    "wind",
+    "apple",
+    "house",
+    "river",
+    "green",
+    "light",
+    "stone",
+    "cloud",
+    "bread",
+    "chair",
+    "plant",
+    "table",
+    "water",
+    "music",
+    "horse",
+    "tiger",
+    "lemon",
+    "grape",
+    "train",
+    "snow",
+    "fire",
 ]
 
 
@@ -275,8 +343,7 @@ def make_sharegpt(seed: int, n: int) -> list[dict]:
 
 def main() -> None:
     train = make_tickets(seed=1234, n=900, label_noise=0.04, exclude=set())
-    evalr = make_tickets(seed=5678, n=150, label_noise=0.04,
-                         exclude={r["message"] for r in train})
+    evalr = make_tickets(seed=5678, n=150, label_noise=0.04, exclude={r["message"] for r in train})
     write_csv(HERE / "tickets.csv", train, start_id=1)
     write_csv(HERE / "tickets_eval.csv", evalr, start_id=len(train) + 1)
 
