@@ -13,12 +13,16 @@ other sides use, rather than the fused default), everything else at the transfor
 
 Then each side's peak memory, each alone in a fresh process (see `common.side_peak_mb`).
 
-    python benchmarks/train_step.py [--steps 30] [--rounds 3] [--batch 16] [--length 128] [--json PATH]
+`--compile` adds loralab's loop with `train.compile=true` (torch.compile of the model; it compiles during the
+warm-up steps) and a table of its step time beside the eager loop's.
+
+    python benchmarks/train_step.py [--steps 30] [--rounds 3] [--batch 16] [--length 128] [--compile] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import threading
 import time
@@ -57,6 +61,7 @@ from loralab.models import load_model
 from loralab.training.loop import BatchOrder
 
 HAND, TRAINER, LORALAB = "hand-written PEFT loop", "HF Trainer + PEFT", "loralab loop"
+COMPILED = "loralab loop, compiled"
 SCHEDULE_STEPS = 10**6
 TRAINER_ARGUMENTS = {
     "report_to": [],
@@ -90,6 +95,13 @@ def loralab_side(config: RunConfig, features: list[dict], pad_id: int) -> Run:
     model, _ = load_model(config.model, "causal_lm")
     model = build_adapter(config.method.adapter, "causal_lm").apply(model)
     return loop_side(model, NoRule(), config.train, features, pad_id)
+
+
+def compiled_side(config: RunConfig, features: list[dict], pad_id: int) -> Run:
+    """loralab's loop with `train.compile=true`: the same side, its forwards through torch.compile."""
+    return loralab_side(
+        dataclasses.replace(config, train=dataclasses.replace(config.train, compile=True)), features, pad_id
+    )
 
 
 def hand_written_side(config: RunConfig, features: list[dict], pad_id: int) -> Run:
@@ -203,6 +215,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="add loralab's loop with train.compile=true")
     add_output_arguments(parser)
     add_memory_arguments(parser)
     return parser.parse_args()
@@ -223,7 +236,8 @@ def main() -> None:
     )
     probe, tokenizer = load_model(config.model, "causal_lm")
     features = synthetic_features(args.batch * 64, args.length, probe.config.vocab_size)
-    builders = {name: partial(side, config, features, tokenizer.pad_token_id) for name, side in SIDES.items()}
+    sides = SIDES | ({COMPILED: compiled_side} if args.compile else {})
+    builders = {name: partial(side, config, features, tokenizer.pad_token_id) for name, side in sides.items()}
     measured = steps_and_memory(args, builders, __file__)
     if measured is None:
         return
@@ -238,6 +252,9 @@ def main() -> None:
         comparison("training step vs HF Trainer", "ms", times, TRAINER, {LORALAB: Target("<=", 1.0)}),
         comparison(f"training peak memory ({args.memory_steps} steps)", "MiB", memory, HAND, scale=1),
     ]
+    if args.compile:
+        eager_and_compiled = {side: times[side] for side in (LORALAB, COMPILED)}
+        comparisons.append(comparison("compiled vs eager loralab step", "ms", eager_and_compiled, LORALAB))
     finish(args, setup, comparisons, [MEMORY_NOTE])
 
 

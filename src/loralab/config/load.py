@@ -359,6 +359,7 @@ def check_combinations(config: RunConfig) -> None:
     if "core" in config.eval.views and adapter.kind != "dual_rank_lora":
         raise ConfigError(f"eval.views=core needs method.adapter.kind=dual_rank_lora, not {adapter.kind}")
     check_packing(config)
+    check_compile(config)
     check_diffusion(config)
     if config.method.gradient.kind == "shake_align":
         check_shake_align(config)
@@ -389,6 +390,23 @@ def check_packing(config: RunConfig) -> None:
         raise ConfigError("task.packing covers causal LMs; model.kind=masked_diffusion pads its response slots")
     if config.method.adapter.kind == "prefix":
         raise ConfigError("task.packing cannot run with method.adapter.kind=prefix (its prefixes need a padding mask)")
+
+
+def check_compile(config: RunConfig) -> None:
+    """train.compile: refused where a rule's hooks inside the compiled forward go wrong (tried on CPU, docs/gpu.md)."""
+    rule = config.method.gradient
+    if not config.train.compile or rule.kind == "none":
+        return
+    if rule.kind == "grit":
+        raise ConfigError(
+            "train.compile cannot run with method.gradient.kind=grit: its forward hooks record Σ_a inside the compiled "
+            "graph, and torch.compile gets them wrong; set train.compile=false"
+        )
+    if rule.kind == "shake_align" and rule.route == "vectorized":
+        raise ConfigError(
+            "train.compile cannot run with method.gradient.route=vectorized: its vote probes hook activations inside "
+            "the compiled graph; use method.gradient.route=microbatch"
+        )
 
 
 def check_diffusion(config: RunConfig) -> None:

@@ -324,6 +324,7 @@ class TrainConfig:
     keep_last: int = required(min=1)
     max_bad_steps: int = required(min=0)
     deterministic: bool = required()
+    compile: bool = False  # torch.compile the model for the training forwards (docs/gpu.md)
 
 
 @dataclass(frozen=True)

@@ -292,6 +292,7 @@ def train(
     steps = total_steps(cfg, order.steps_per_epoch)
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()
+    forward = torch.compile(model) if cfg.compile else model  # training forwards only: evaluation stays eager
     start, pin = (state.epoch, state.position), accelerator.device.type == "cuda"
     batches = Prefetcher(prepared_batches(features, order, start, cfg.batch_size // cfg.grad_accum, pad_token_id, pin))
     try:
@@ -302,7 +303,7 @@ def train(
             epoch_ended = state.position == 0
 
             with accelerator.no_sync(model):  # one gradient sync per step, after the last micro-batch
-                loss_sum = accumulate(model, batch, rule, accelerator)
+                loss_sum = accumulate(forward, batch, rule, accelerator)
             loss_sum, tokens = average_gradients(parameters, loss_sum, batch.tokens)
 
             # the gradient rule edits .grad, then clip, step, schedule (clip first for rules that ask for it)
