@@ -8,13 +8,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from loralab.cli import main
-from loralab.config.load import load_config
+from loralab.config.load import load_config, run_files
 from loralab.errors import ConfigError
 from loralab.experiments.runs import run_dir_for
 from loralab.tracking import read_metrics
@@ -71,6 +72,11 @@ def train(procs: int, arguments: list[str]) -> int:
     return main(["launch", "local", "--procs", str(procs), "--", "train", *sets])
 
 
+def run_of(arguments: list[str]) -> Path:
+    """The run directory `loralab train` trains into: no --config, so the quickstart with these overrides on top."""
+    return run_dir_for(load_config(run_files([]), arguments))
+
+
 def adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
@@ -88,7 +94,7 @@ def losses(run_dir) -> list[tuple[int, float]]:
 def test_two_processes_train_the_adapter_of_one(tmp_path, method):
     single, double = overrides(tmp_path / "one", method), overrides(tmp_path / "two", method)
     assert train(1, single) == 0 and train(2, double) == 0
-    one, two = run_dir_for(load_config([], single)), run_dir_for(load_config([], double))
+    one, two = run_of(single), run_of(double)
     assert max_difference(adapter(one), adapter(two)) <= 1e-5
     steps_one, steps_two = zip(*losses(one), strict=True), zip(*losses(two), strict=True)
     (s1, l1), (s2, l2) = steps_one, steps_two
@@ -110,15 +116,15 @@ def test_accelerate_launch_runs_the_same_data_parallel_path(tmp_path):
     sets = [token for value in double for token in ("--set", value)]
     done = subprocess.run([*launcher, *settings, *sets], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    two = run_dir_for(load_config([], double))
+    two = run_of(double)
     assert json.loads((two / "status.json").read_text())["processes"] == 2
-    assert max_difference(adapter(run_dir_for(load_config([], single))), adapter(two)) <= 1e-5
+    assert max_difference(adapter(run_of(single)), adapter(two)) <= 1e-5
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_adapter(tmp_path):
     arguments = overrides(tmp_path, "grit", "train.checkpoint_every=3", "train.keep_last=2")
     assert train(2, arguments) == 0
-    run_dir = run_dir_for(load_config([], arguments))
+    run_dir = run_of(arguments)
     reference = adapter(run_dir)
     # what a kill after the step-3 checkpoint leaves: no final checkpoint, no outputs, a running status
     shutil.rmtree(run_dir / "checkpoints" / "step-6")

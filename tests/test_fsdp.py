@@ -24,13 +24,12 @@ from torch.distributed.tensor import DTensor
 from loralab.adapters import build_adapter
 from loralab.cli import main
 from loralab.config.load import load_config
-from loralab.experiments.runs import run_dir_for
 from loralab.models import load_model
 from loralab.tracking import read_metrics
 from loralab.training.seeding import seed_everything
 from loralab.training.sharding import ShardingPlan, read_plan, shard_frozen_base
 from test_ddp import METHODS as DDP_METHODS
-from test_ddp import TINY, adapter, losses, max_difference, overrides, train
+from test_ddp import TINY, adapter, losses, max_difference, overrides, run_of, train
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +59,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         assert train(1, single) == 0
         done = accelerate_fsdp(sharded)
         assert done.returncode == 0, done.stderr[-3000:]
-        found[method] = run_dir_for(load_config([], single)), run_dir_for(load_config([], sharded))
+        found[method] = run_of(single), run_of(sharded)
     return found
 
 
@@ -95,7 +94,7 @@ def test_the_fsdp_adapter_loads_with_plain_peft(runs):
 def test_an_interrupted_fsdp_run_resumes_to_the_same_adapter(runs, tmp_path):
     finished = runs["grit"][1]
     arguments = overrides(tmp_path, "grit", *CHECKPOINTS["grit"])
-    run_dir = run_dir_for(load_config([], arguments))
+    run_dir = run_of(arguments)
     shutil.copytree(finished, run_dir)
     # what a kill after the step-3 checkpoint leaves: no final checkpoint, no outputs, a running status
     shutil.rmtree(run_dir / "checkpoints" / "step-6")
