@@ -54,8 +54,6 @@ def load_model_reporting_new(
     cfg: ModelConfig, head: Head, num_labels: int | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, tuple[str, ...]]:
     """As `load_model`, plus the names of the parameters the checkpoint lacked (newly initialised)."""
-    if head == "causal_lm":
-        refuse_encoder(cfg)
     quantization = nf4_config() if cfg.quantization == "nf4" else None
     tokenizer = load_tokenizer(cfg.name, cfg.trust_remote_code)
     new: tuple[str, ...] = ()

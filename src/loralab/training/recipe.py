@@ -32,6 +32,7 @@ from loralab.evaluation.evaluate import EvalResult, evaluate, evaluate_views
 from loralab.experiments.runs import environment, plan_run, write_status
 from loralab.gradient import GradientRule, build_rule
 from loralab.models import load_model
+from loralab.models.load import refuse_encoder
 from loralab.progress import ProgressReporter
 from loralab.tracking import MetricsCSV, RowsCSV, Trackers
 from loralab.training.checkpoint import resume_checkpoint, save_checkpoint
@@ -164,6 +165,8 @@ def prepare(config: RunConfig) -> RunParts:
     if diffusion:
         model, tokenizer = load_diffusion_model(config.model, config.diffusion)
     else:
+        if head == "causal_lm":
+            refuse_encoder(config.model)  # sft, chat and text generate text: refused from the config, before loading
         model, tokenizer = load_model(config.model, head, spec.num_labels)
     model = adapter.apply(model)
     rule.attach(model, adapter.lora_modules(model))
