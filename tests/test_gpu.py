@@ -1,6 +1,7 @@
-"""CUDA paths: bf16 mixed precision against fp32, an NF4 (QLoRA) base, the methods on CUDA, vLLM against HF.
+"""CUDA paths: bf16 mixed precision against fp32, an NF4 (QLoRA) base, the methods on CUDA, vLLM against HF; and
+the GPU check (`benchmarks/gpu_check.sh`) rehearsed on the CPU.
 
-Every test here carries the `gpu` mark (conftest skips it without CUDA); the NF4 test also needs bitsandbytes and
+The CUDA tests carry the `gpu` mark (conftest skips them without CUDA); the NF4 test also needs bitsandbytes and
 the vLLM test vLLM (`pip install ".[gpu]"`). Run them with `python -m pytest -m gpu` (docs/gpu.md).
 """
 
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +35,7 @@ from loralab.training.loop import BatchOrder, TrainState, prepare_for_loop, trai
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.recipe import RunParts, new_accelerator, prepare, run_training
 
-pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 TINY_LLAMA = [
     "model.name=tiny-llama",
@@ -85,6 +89,7 @@ def assert_learns(losses: list[float]) -> None:
     assert statistics.fmean(losses[-5:]) < statistics.fmean(losses[:5]) - 0.1
 
 
+@pytest.mark.gpu
 def test_bf16_mixed_precision_follows_the_fp32_loss_curve_and_keeps_the_adapter_fp32(tmp_path):
     """Same seed, data and steps: under bf16 autocast every step's loss is within 2 % of the fp32 run's (a CPU
     rehearsal differed by 0.3 % at most), and not equal to it (autocast did run); the trained LoRA weights are
@@ -141,6 +146,7 @@ def train_in_place(parts: RunParts, config: RunConfig) -> list[float]:
     return events.losses
 
 
+@pytest.mark.gpu
 def test_nf4_base_trains_float_lora_and_the_adapter_loads_with_plain_peft_on_a_bf16_base(tmp_path):
     """QLoRA: every decoder Linear is a bitsandbytes Linear4bit holding packed NF4 weights, the LoRA A/B on them are
     trainable float32 on the GPU, and 30 steps lower the loss. The saved adapter loads with plain
@@ -180,6 +186,7 @@ def test_nf4_base_trains_float_lora_and_the_adapter_loads_with_plain_peft_on_a_b
     assert (actual - expected).norm() <= NF4_LOGIT_TOLERANCE * expected.norm()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_trains_on_cuda_with_a_finite_loss(tmp_path, method):
     """Baseline LoRA, Shake-to-Align and GRIT on a bf16 tiny-llama: every step's loss finite, none skipped, and the
@@ -208,6 +215,7 @@ def vllm_llama(directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.gpu
 def test_vllm_greedy_generations_with_a_lora_adapter_equal_hf_generate(tmp_path):
     """A LoRA (r 8 on every linear layer; vLLM serves ranks from 8) trained until it reproduces its 4 training
     answers, so every greedy step has a wide margin; vLLM with the adapter as a LoRA request then generates exactly
@@ -249,3 +257,51 @@ def test_vllm_greedy_generations_with_a_lora_adapter_equal_hf_generate(tmp_path)
     assert generator.generate(prompts, new_tokens, ()) != hf
     del generator
     gc.collect()  # shuts the engine down, returning the GPU memory it holds to the tests after this one
+
+
+GPU_CHECK = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_gpu_check_dry_run_plans_every_step_and_writes_the_report(tmp_path):
+    """`gpu_check.sh --dry-run` on any machine: the prerequisites line, every step with its command, the steps that
+    need CUDA skipped with the reason, the JSON and markdown report; exit 0, in seconds."""
+    done = subprocess.run(
+        ["bash", str(GPU_CHECK / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("gpu_check: ")
+    steps = ["gpu-tests", "syncs", "throughput"]
+    for number, step in enumerate(steps, 1):
+        assert any(line.startswith(f"[{number}/3] {step}: ") for line in lines)
+    assert done.stdout.count("$ ") == 3 and done.stdout.count("skipped: dry run (needs CUDA)") == 3
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] and [step["name"] for step in report["steps"]] == steps
+    assert "| throughput | skipped: dry run (needs CUDA) |" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_steps_rehearse_on_the_cpu(tmp_path):
+    """The throughput and syncs steps' own code on the CPU with the tiny Llama config, so a GPU run starts measuring:
+    every side trains and is measured, and every method's 10 steps are counted."""
+    script = [sys.executable, str(GPU_CHECK / "gpu_check.py")]
+    tiny = ["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--grit-warmup", "2"]
+    sizes = ["--length", "64", "--examples", "64"]
+    throughput, syncs = tmp_path / "throughput.json", tmp_path / "syncs.json"
+    for command in (["throughput", "--json", str(throughput), *tiny, *sizes], ["syncs", "--json", str(syncs)]):
+        subprocess.run([*script, *command], check=True, capture_output=True, timeout=900)
+    sides = json.loads(throughput.read_text())["sides"]
+    assert [side["label"] for side in sides] == [
+        "loralab LoRA, padded",
+        "HF Trainer + PEFT, padded",
+        "loralab LoRA, packed",
+        "HF Trainer + PEFT, packed",
+        "GRIT, padded",
+        "Shake-to-Align, padded",
+    ]
+    assert all(side["tokens_per_s"] > 0 and side["mfu_percent"] > 0 for side in sides)
+    counted = json.loads(syncs.read_text())
+    assert sorted(counted) == ["grit", "lora", "ours"] and all(len(m["per_step"]) == 10 for m in counted.values())
