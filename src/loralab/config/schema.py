@@ -372,7 +372,8 @@ class LrGridConfig:
 
 @dataclass(frozen=True)
 class HierarchicalConfig:
-    """hpo.mode=hierarchical: the baseline's lr first, then the method's knobs near it (specs/shake_align.md §6)."""
+    """hpo.mode=hierarchical: the baseline's lr first, then the method's knobs near it (the Shake-to-Align
+    scaffold's tuning protocol)."""
 
     baseline_method: str
     method: str

@@ -1,6 +1,6 @@
 """Spectral edit rules: new singular values from the old ones and their sensitivities g_k = ∂L/∂σ_k.
 
-Three modes (spec §3): `abs_select` scales the k_core directions of largest |g| by amp_factor and the k_noise of
+Three modes: `abs_select` scales the k_core directions of largest |g| by amp_factor and the k_noise of
 smallest |g| by sup_factor; `random_index` is its control, the same counts at random indices; `gd` takes one
 gradient step on σ. Every mode then clamps at sigma_clip_min and may rescale to keep Σσ (l1) or ‖σ‖ (l2).
 """

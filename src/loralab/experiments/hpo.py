@@ -3,8 +3,8 @@
 Three shapes, each a list of `StudyPlan`s run one after the other (`hpo_study.optimize` runs one):
 
 - single (`hpo.mode: single`): one study over `hpo.space` with the grid, TPE or random sampler;
-- hierarchical (`hpo.mode: hierarchical`, specs/shake_align.md §6): stage `baseline` tunes the baseline's lr
-  over evenly chosen points of a log grid; its best_hparams.json seeds the method's stages, whose lr stays
+- hierarchical (`hpo.mode: hierarchical`, the Shake-to-Align scaffold's protocol): stage `baseline` tunes the
+  baseline's lr over evenly chosen points of a log grid; its best_hparams.json seeds the method's stages, whose lr stays
   within the grid points around the best baseline lr: s1 tries each knob's candidates one knob at a time and
   keeps the best few per knob, s2 tries their product, s3 reruns the best combinations longer, over seeds,
   scored on the eval curve. Each stage is its own study (`<name>-baseline`, `-s1`, `-s2`, `-s3`);
@@ -305,7 +305,7 @@ def best_points(storage: str, name: str, count: int) -> list[dict[str, Any]]:
 
 
 def run_hierarchical(context: Context, workers: int) -> list[StudyResult]:
-    """baseline → s1 → s2 → s3 (specs/shake_align.md §6); stops after a stage that did not finish."""
+    """baseline → s1 → s2 → s3 (the Shake-to-Align scaffold's protocol); stops after a stage that did not finish."""
     config, h = context.config, context.hpo.hierarchical
     grid = hpo_space.lr_grid(h.lr_grid)
     knobs = hpo_space.knobs(h)

@@ -142,7 +142,7 @@ def overrides(params: dict[str, Any]) -> list[str]:
     return [f"{key}={format_value(value)}" for key, value in params.items()]
 
 
-# ---- the hierarchical grids (specs/shake_align.md §6) --------------------------------------------------
+# ---- the hierarchical grids (the Shake-to-Align scaffold's protocol) -------------------------------------------------
 
 
 def knobs(config: HierarchicalConfig) -> dict[str, list]:
