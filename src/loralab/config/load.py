@@ -335,6 +335,8 @@ def check_limits(value: Any, limits: typing.Mapping[str, float], where: str) -> 
         "lt": (lambda v, b: v < b, "<"),
     }
     for name, bound in limits.items():
+        if name not in rules:
+            continue
         ok, symbol = rules[name]
         if not ok(value, bound):
             raise ConfigError(f"{where}: must be {symbol} {bound:g}, got {value!r}")

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def bounded(default: Any = None, **limits: float) -> Any:
-    """A dataclass field with a default and numeric limits (min, max, gt, lt) checked by validation."""
-    return field(default=default, metadata=limits)
+def bounded(default: Any = None, help: str = "", **limits: float) -> Any:
+    """A dataclass field with a default, its one-line help and numeric limits (min, max, gt, lt) to validate."""
+    return field(default=default, metadata={"help": help, **limits})
 
 
-def required(**limits: float) -> Any:
-    """A field with no default (given by base.yaml) and numeric limits checked by validation."""
-    return field(metadata=limits)
+def required(help: str = "", **limits: float) -> Any:
+    """A field with no default (given by base.yaml), its one-line help and numeric limits checked by validation."""
+    return field(metadata={"help": help, **limits})
 
 
 # ---- adapter options (method.adapter) -------------------------------------------------------------
