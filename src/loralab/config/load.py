@@ -19,7 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from loralab.config.familiar import familiar_hint
-from loralab.config.schema import ADAPTER_OPTIONS, GRADIENT_OPTIONS, MethodConfig, RunConfig, TaskConfig
+from loralab.config.registry import ADAPTER_OPTIONS, GRADIENT_OPTIONS
+from loralab.config.schema import MethodConfig, RunConfig, TaskConfig
 from loralab.config.tasks import check_task, compose_task
 from loralab.errors import ConfigError, did_you_mean, unknown
 
@@ -78,9 +79,7 @@ def compose_method(base: dict, user: Any) -> dict:
         if not isinstance(user_part, dict):
             raise ConfigError(f"method.{axis} must be a mapping, got {type(user_part).__name__}")
         kind = user_part.get("kind", preset_part.get("kind"))
-        if kind not in registry:
-            raise ConfigError(f"method.{axis}.kind: " + unknown(f"{axis} kind", str(kind), registry))
-        section = dataclasses.asdict(registry[kind]())
+        section = dataclasses.asdict(registry.lookup(kind, f"method.{axis}.kind")())
         if preset_part.get("kind") == kind:
             deep_merge(section, preset_part)
         deep_merge(section, user_part)
@@ -343,30 +342,13 @@ def check_limits(value: Any, limits: typing.Mapping[str, float], where: str) -> 
 
 
 def check_combinations(config: RunConfig) -> None:
-    """Reject combinations that cannot run, before any model is loaded."""
-    train, model, adapter = config.train, config.model, config.method.adapter
+    """Reject combinations that cannot run, before any model is loaded: each section's `check` (beside its fields
+    in schema.py; the adapter's and the rule's options check what their kind needs), then the hpo section."""
     check_task(config.task)
-    if train.batch_size % train.grad_accum:
-        raise ConfigError(
-            f"train.batch_size ({train.batch_size}) must be a multiple of train.grad_accum ({train.grad_accum})"
-        )
-    if model.quantization == "nf4" and adapter.kind in ("full", "bitfit"):
-        raise ConfigError(
-            f"method.adapter.kind={adapter.kind} cannot train a 4-bit quantized base (model.quantization=nf4)"
-        )
-    if train.mixed_precision != "no" and model.dtype != "float32":
-        raise ConfigError(f"train.mixed_precision={train.mixed_precision} needs model.dtype=float32 weights")
-    if adapter.kind == "dual_rank_lora" and adapter.r >= adapter.R:
-        raise ConfigError(f"method.adapter.R ({adapter.R}) must be larger than method.adapter.r ({adapter.r})")
-    if "core" in config.eval.views and adapter.kind != "dual_rank_lora":
-        raise ConfigError(f"eval.views=core needs method.adapter.kind=dual_rank_lora, not {adapter.kind}")
-    check_packing(config)
-    check_compile(config)
-    check_diffusion(config)
-    if config.method.gradient.kind == "shake_align":
-        check_shake_align(config)
-    if config.method.gradient.kind == "grit":
-        check_grit(config)
+    for section in (config.train, config.method.adapter, config.eval, config.diffusion, config.method.gradient):
+        check = getattr(section, "check", None)
+        if check is not None:
+            check(config)
     check_hpo(config)
 
 
@@ -377,110 +359,6 @@ def check_hpo(config: RunConfig) -> None:
     if config.hpo.schedule is not None:
         packaged_schedule(config.hpo.schedule)
     check_hpo_section(config.hpo)
-
-
-def check_packing(config: RunConfig) -> None:
-    """Packed rows hold several examples: refused where a method needs one example per row or its own mask."""
-    if not config.task.packing:
-        return
-    if config.method.gradient.kind == "shake_align":
-        raise ConfigError(
-            "task.packing cannot run with method.gradient.kind=shake_align: its votes need whole examples per "
-            "window, and a packed row holds several; use task.group_by_length=true instead"
-        )
-    if config.model.kind == "masked_diffusion":
-        raise ConfigError("task.packing covers causal LMs; model.kind=masked_diffusion pads its response slots")
-    if config.method.adapter.kind == "prefix":
-        raise ConfigError("task.packing cannot run with method.adapter.kind=prefix (its prefixes need a padding mask)")
-
-
-def check_compile(config: RunConfig) -> None:
-    """train.compile: refused where a rule's hooks inside the compiled forward go wrong (tried on CPU, docs/gpu.md)."""
-    rule = config.method.gradient
-    if not config.train.compile or rule.kind == "none":
-        return
-    if rule.kind == "grit":
-        raise ConfigError(
-            "train.compile cannot run with method.gradient.kind=grit: its forward hooks record Σ_a inside the compiled "
-            "graph, and torch.compile gets them wrong; set train.compile=false"
-        )
-    if rule.kind == "shake_align" and rule.route == "vectorized":
-        raise ConfigError(
-            "train.compile cannot run with method.gradient.route=vectorized: its vote probes hook activations inside "
-            "the compiled graph; use method.gradient.route=microbatch"
-        )
-
-
-def check_diffusion(config: RunConfig) -> None:
-    """trajectory_lora lives on a masked diffusion LM; the sampler's blocks must tile the response slot."""
-    diffusion, adapter = config.diffusion, config.method.adapter
-    is_diffusion = config.model.kind == "masked_diffusion"
-    if adapter.kind == "trajectory_lora":
-        if not is_diffusion:
-            raise ConfigError("method.adapter.kind=trajectory_lora needs model.kind=masked_diffusion")
-        for key in ("ranks", "scales"):
-            if len(getattr(adapter, key)) != 3:
-                raise ConfigError(f"method.adapter.{key} needs 3 values (early, mid, late phase)")
-        if min(adapter.ranks) < 1 or min(adapter.scales) < 0:
-            raise ConfigError("method.adapter.ranks must be ≥ 1 and method.adapter.scales ≥ 0")
-    if not is_diffusion:
-        return
-    if config.method.gradient.kind != "none":
-        raise ConfigError(
-            f"method.gradient.kind={config.method.gradient.kind} is not supported with model.kind=masked_diffusion "
-            "(its statistics assume a per-token task loss); use method.gradient.kind=none"
-        )
-    if diffusion.sigma_max <= diffusion.sigma_min:
-        raise ConfigError("diffusion.sigma_max must be larger than diffusion.sigma_min")
-    block = diffusion.block_length
-    if block is not None and diffusion.response_length % block:
-        raise ConfigError(
-            f"diffusion.block_length ({block}) must divide diffusion.response_length ({diffusion.response_length})"
-        )
-    blocks = diffusion.response_length // (block or diffusion.response_length)
-    if diffusion.steps % blocks:
-        raise ConfigError(f"diffusion.steps ({diffusion.steps}) must be a multiple of the number of blocks ({blocks})")
-
-
-def check_grit(config: RunConfig) -> None:
-    """GRIT needs LoRA factors to precondition and gradients that are not loss-scaled when hooks read them."""
-    adapter = config.method.adapter
-    if adapter.kind not in ("lora", "dual_rank_lora"):
-        raise ConfigError(
-            f"method.gradient.kind=grit needs a LoRA-like adapter (method.adapter.kind=lora or dual_rank_lora), "
-            f"not {adapter.kind}"
-        )
-    if config.train.mixed_precision == "fp16":
-        raise ConfigError(
-            "method.gradient.kind=grit cannot run with train.mixed_precision=fp16 (loss scaling would scale Σ_g); "
-            "use bf16"
-        )
-
-
-def check_shake_align(config: RunConfig) -> None:
-    """Shake-to-Align needs a dual-rank adapter, several votes per step and unscaled gradients."""
-    rule, adapter, train = config.method.gradient, config.method.adapter, config.train
-    if adapter.kind != "dual_rank_lora":
-        raise ConfigError(
-            f"method.gradient.kind=shake_align needs method.adapter.kind=dual_rank_lora, not {adapter.kind}"
-        )
-    if rule.samples_per_vote >= train.batch_size:
-        raise ConfigError(
-            f"method.gradient.samples_per_vote ({rule.samples_per_vote}) must be smaller than train.batch_size "
-            f"({train.batch_size}): one vote per step gives no statistics"
-        )
-    if not (rule.keep_single_votes or rule.combine_votes):
-        raise ConfigError("method.gradient: keep_single_votes=false needs combine_votes=true (no votes otherwise)")
-    if train.mixed_precision == "fp16":
-        raise ConfigError(
-            "method.gradient.kind=shake_align cannot run with train.mixed_precision=fp16 (loss scaling would scale "
-            "the votes); use bf16"
-        )
-    if rule.route == "vectorized" and config.model.gradient_checkpointing:
-        raise ConfigError(
-            "method.gradient.route=vectorized cannot capture votes under model.gradient_checkpointing; "
-            "use route=microbatch"
-        )
 
 
 def unknown_key(where: str, known: typing.Iterable[str]) -> str:
