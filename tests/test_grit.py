@@ -146,27 +146,69 @@ def test_covariances_equal_dense_references_over_two_recordings(tmp_path, count_
         assert stats.g[name].value.abs().max() > 0
 
 
-def test_ema_estimate_and_throttling(tmp_path):
-    parts = grit_parts(tmp_path, "method.gradient.cov_ema=0.75", "method.gradient.cov_update_freq=3", *QUIET)
+def published_tick_records(backward: int, period: int) -> bool:
+    """The published hook: a per-module tick counts backwards from 1 and records when tick % period == 0."""
+    return (backward + 1) % period == 0
+
+
+@pytest.mark.parametrize(("phase", "expected"), [("first", [0, 3, 6]), ("last", [2, 5])])
+def test_ema_estimate_and_which_backwards_record(tmp_path, phase, expected):
+    overrides = ("method.gradient.cov_ema=0.75", "method.gradient.cov_update_freq=3", *QUIET)
+    parts = grit_parts(tmp_path, *overrides, f"method.gradient.record_phase={phase}")
     rule, model = parts.rule, parts.model
     captures = Captures(rule.views)
-    recorded = []
-    for index in range(6):
+    recorded, count = {}, 0
+    for index in range(8):
         batch = padded_batch(parts, start=6 * index)
         rule.compute_gradients(model, batch, lambda m, b: m(**b).loss, lambda loss: loss.backward())
-        if index % 3 == 0:
+        if rule.stats.a[next(iter(rule.views))].count != count:  # this backward was recorded
+            count = rule.stats.a[next(iter(rule.views))].count
             keep = batch["attention_mask"].reshape(-1).bool()
-            recorded.append(
-                {n: dense_reference(v, captures.inputs[n], captures.grads[n], keep) for n, v in rule.views.items()}
-            )
+            recorded[index] = {
+                n: dense_reference(v, captures.inputs[n], captures.grads[n], keep) for n, v in rule.views.items()
+            }
         model.zero_grad()
     captures.remove()
-    assert rule.backwards == 6 and len(recorded) == 2
+    assert sorted(recorded) == expected
+    if phase == "last":
+        assert expected == [i for i in range(8) if published_tick_records(i, 3)]
     for name in rule.views:
-        (a1, _, n1), (a2, _, n2) = recorded[0][name], recorded[1][name]
-        assert rule.stats.a[name].count == n1 + n2  # only backwards 0 and 3 were recorded
-        expected = 0.75 * a1 / n1 + 0.25 * a2 / n2
-        assert_close_scaled(rule.stats.a[name].value, expected)
+        (a1, _, n1), (a2, _, n2) = recorded[expected[0]][name], recorded[expected[1]][name]
+        expected_a = 0.75 * a1 / n1 + 0.25 * a2 / n2
+        if len(expected) == 3:
+            a3, _, n3 = recorded[expected[2]][name]
+            expected_a = 0.75 * expected_a + 0.25 * a3 / n3
+        assert rule.stats.a[name].count == sum(recorded[i][name][2] for i in expected)
+        assert_close_scaled(rule.stats.a[name].value, expected_a)
+
+
+def test_regularizer_reads_both_factors_from_the_backwards_before_the_micro_batch(tmp_path):
+    """Σ_a and Σ_g in the λ_kfac term are both the statistics recorded up to the previous backward, though this
+    micro-batch's forward would already have updated Σ_a (the published code folds both in during backward)."""
+    lam = 5.0
+    overrides = ("method.gradient.cov_update_freq=1", f"method.gradient.lambda_kfac={lam}", *NEVER)
+    parts = grit_parts(tmp_path, *overrides, "method.gradient.lambda_reproj=0", "method.gradient.adaptive=false")
+    rule, model = parts.rule, parts.model
+    first, second = padded_batch(parts), padded_batch(parts, start=6)
+    rule.compute_gradients(model, first, lambda m, b: m(**b).loss, lambda loss: loss.backward())
+    before = {n: (rule.stats.a[n].value.double().clone(), rule.stats.g[n].value.double().clone()) for n in rule.views}
+    model.zero_grad()
+    model(**second).loss.backward()  # the plain loss's gradient, without the rule's hooks
+    plain = {n: (v.A.grad.double().clone(), v.B.grad.double().clone()) for n, v in rule.views.items()}
+    model.zero_grad()
+    rule.compute_gradients(model, second, lambda m, b: m(**b).loss, lambda loss: loss.backward())
+    assert rule.stats.a[next(iter(rule.views))].count > 0
+    mixed_apart = 0.0
+    for name, view in rule.views.items():
+        A, B = view.A.detach().double(), view.B.detach().double()
+        sigma_a, sigma_g = before[name]
+        # d/dA λ tr(Aᵀ Σ_a A) = 2λ Σ_a A and d/dB λ tr(B Σ_g Bᵀ) = 2λ B Σ_g (Σ symmetric)
+        expected_A, expected_B = plain[name][0] + 2 * lam * sigma_a @ A, plain[name][1] + 2 * lam * B @ sigma_g
+        assert_close_scaled(view.A.grad, expected_A, rel=1e-4)
+        assert_close_scaled(view.B.grad, expected_B, rel=1e-4)
+        mixed_A = plain[name][0] + 2 * lam * rule.stats.a[name].value.double() @ A  # Σ_a after this forward
+        mixed_apart = max(mixed_apart, float((mixed_A - expected_A).abs().max() / expected_A.abs().max()))
+    assert mixed_apart > 1e-2  # the other reading is distinguishable
 
 
 ADAPTERS = {

@@ -361,7 +361,12 @@ class GritOptions:
     kind: Literal["grit"] = option(
         "grit", help="GRIT on a lora or dual_rank_lora adapter, the paper's published defaults (docs/methods/grit.md)"
     )
-    cov_update_freq: int = option(15, help="record Σ_a, Σ_g on backward 0, N, 2N, … (the first backward counts)", min=1)
+    cov_update_freq: int = option(15, help="record Σ_a, Σ_g on one backward in N (which: record_phase)", min=1)
+    record_phase: Literal["first", "last"] = option(
+        "first",
+        help="first: record on backwards 0, N, 2N, … (the first backward counts) · last: N−1, 2N−1, … as the "
+        "published hook",
+    )
     cov_ema: float | None = option(
         None,
         help="null: cumulative token-weighted mean of the covariances · β in (0, 1): an EMA keeping β of the old value",

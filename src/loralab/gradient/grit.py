@@ -4,6 +4,7 @@ Per optimizer step: every `cov_update_freq`-th backward records Σ_a, Σ_g (rank
 the loss; `before_step` preconditions each LoRA gradient with the damped inverses; after the step the loss
 history adapts damping and periods, inverses are refreshed every `kfac_update_freq` steps and A, B are
 projected onto the top-k eigenbases of Σ_a, Σ_g every `reprojection_freq` steps (k from the energy rule).
+The math, the defaults and every choice the GRIT paper leaves open: docs/methods/grit.md.
 """
 
 from __future__ import annotations
@@ -109,16 +110,22 @@ class Grit(RuleDefaults):
     @contextmanager
     def observing(self, batch: dict) -> Iterator[None]:
         """Count one forward+backward; on every `cov_update_freq`-th, hooks add its tokens to Σ_a and Σ_g (a packed
-        batch's `token_mask` marks its real tokens, as the attention mask does in a padded one)."""
-        record = self.backwards % self.options.cov_update_freq == 0
+        batch's `token_mask` marks its real tokens, as the attention mask does in a padded one).
+
+        `record_phase` first: backwards 0, n, 2n, … (the first backward counts); last: n−1, 2n−1, … as published.
+        """
+        period = self.options.cov_update_freq
+        record = self.backwards % period == (0 if self.options.record_phase == "first" else period - 1)
         self.backwards += 1
         with self.stats.recording(batch.get("token_mask", batch.get("attention_mask"))) if record else nullcontext():
             yield
 
     def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:
+        """Loss + regularizer, backward. The regularizer is built before this micro-batch's forward, so Σ_a and Σ_g
+        both come from the backwards before it (the published code folds both in during backward)."""
+        extra = self.regularizer()
         with self.observing(batch):
             loss = loss_fn(model, batch)
-            extra = self.regularizer()
             backward(loss if extra is None else loss + extra)
         return loss.detach()
 
