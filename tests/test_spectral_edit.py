@@ -20,7 +20,8 @@ from loralab.data.collate import collate
 from loralab.data.encode import encode_examples
 from loralab.edit import EditRule, SpectralEdit, edit_sigma
 from loralab.edit.rules import gd_step, normalize, preserve, selection_counts
-from loralab.edit.spectral import calibrate, select_modules, spectral_bases
+from loralab.edit.spectral import calibrate, calibration_features, select_modules, spectral_bases
+from loralab.edit.spectral import calibration_task as spectral_calibration_task
 from loralab.errors import ConfigError
 from loralab.evaluation.gsm8k import get_profile
 from loralab.lowrank import rebuild_factors, thin_svd
@@ -77,6 +78,19 @@ def test_thin_svd_round_trip_and_dense_singular_values():
 # ---- §2 sensitivity: hooks against autograd through an explicit σ leaf ------------------------------
 
 
+def autograd_sigma_gradients(model, bases, batches) -> list[torch.Tensor]:
+    """∂(Σ_batches loss)/∂σ per module by autograd, with each LoRA written as B = U, A = diag(σ) Vᵀ (float64)."""
+    sigmas = {p: b.S.clone().requires_grad_() for p, b in bases.items()}
+    total = 0.0
+    for batch in batches:
+        replaced = {}
+        for prefix, basis in bases.items():
+            replaced[f"{prefix}.lora_A.default.weight"] = sigmas[prefix][:, None] * basis.Vh
+            replaced[f"{prefix}.lora_B.default.weight"] = basis.U
+        total = total + functional_call(model, replaced, args=(), kwargs={**batch, "use_cache": False}).loss
+    return [g.double() for g in torch.autograd.grad(total, list(sigmas.values()))]
+
+
 @pytest.mark.parametrize(
     "lora",
     [
@@ -96,21 +110,11 @@ def test_sigma_gradient_from_hooks_equals_autograd(tmp_path, lora):
     task = calibration_task(4)
     calibrate(model, tokenizer, task, bases, batch_size=2, max_length=512, samples=4)
 
-    sigmas = {p: b.S.clone().requires_grad_() for p, b in bases.items()}
     features = encode_examples(task.spec, task.train, tokenizer, 512)
-    total, padded = 0.0, False
-    for start in (0, 2):
-        batch = collate(features[start : start + 2], tokenizer.pad_token_id)
-        padded = padded or bool((batch["attention_mask"] == 0).any())
-        replaced = {}
-        for prefix, basis in bases.items():
-            replaced[f"{prefix}.lora_A.default.weight"] = sigmas[prefix][:, None] * basis.Vh
-            replaced[f"{prefix}.lora_B.default.weight"] = basis.U
-        total = total + functional_call(model, replaced, args=(), kwargs={**batch, "use_cache": False}).loss
-    assert padded  # padding rows are exercised
-    grads = torch.autograd.grad(total, list(sigmas.values()))
-    for (prefix, basis), expected in zip(bases.items(), grads, strict=True):
-        error = torch.linalg.norm(basis.g - expected.double()) / torch.linalg.norm(expected.double())
+    batches = [collate(features[start : start + 2], tokenizer.pad_token_id) for start in (0, 2)]
+    assert any(bool((batch["attention_mask"] == 0).any()) for batch in batches)  # padding rows are exercised
+    for (prefix, basis), expected in zip(bases.items(), autograd_sigma_gradients(model, bases, batches), strict=True):
+        error = torch.linalg.norm(basis.g - expected) / torch.linalg.norm(expected)
         assert error < 1e-4, prefix
     if "rank_pattern" in lora:
         assert next(b for p, b in bases.items() if p.endswith("down_proj")).S.numel() == 4
@@ -118,6 +122,73 @@ def test_sigma_gradient_from_hooks_equals_autograd(tmp_path, lora):
         assert scale == pytest.approx(3 / 8)
     if "use_rslora" in lora:
         assert next(iter(bases.values())).scaling == pytest.approx(16 / math.sqrt(8))
+
+
+def published_calibration_batch(tokenizer, examples) -> dict:
+    """The published tool's make_calib_batch, written out: prompt + ' answer' + EOS text without special tokens,
+    labels -100 over the prompt's own token count, right padding with the pad id, attention = (id != pad)."""
+    rows, labels = [], []
+    for example in examples:
+        full = example.text + example.target + tokenizer.eos_token  # the target already starts with ' '
+        prompt_ids = tokenizer(example.text, add_special_tokens=False).input_ids
+        full_ids = tokenizer(full, add_special_tokens=False).input_ids
+        cut = min(len(prompt_ids), len(full_ids))
+        rows.append(full_ids)
+        labels.append([-100] * cut + full_ids[cut:])
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    labels = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
+    return {"input_ids": ids, "attention_mask": (ids != pad).long(), "labels": labels}
+
+
+def test_published_calibration_tokens_and_their_sigma_gradient(tmp_path):
+    directory = make_adapter(tmp_path / "adapter")
+    weights = tensors(directory)
+    model, tokenizer = tiny_llama()
+    model = PeftModel.from_pretrained(model, str(directory)).eval()
+    prefixes = select_modules(list(weights), ("o_proj", "down_proj"), None, None)
+    task = calibration_task(4)
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id  # this tokenizer adds BOS
+
+    published = calibration_features(task, tokenizer, 512, 4, "published")
+    loralab = calibration_features(task, tokenizer, 512, 4, "loralab")
+    for example, feature, ours in zip(task.train, published, loralab, strict=True):
+        prompt = tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        assert feature["input_ids"][: len(prompt)] == prompt and feature["labels"][: len(prompt)] == [-100] * len(
+            prompt
+        )
+        assert ours["input_ids"][0] == tokenizer.bos_token_id and ours["input_ids"][1 : len(prompt) + 1] == prompt
+    expected_batches = [published_calibration_batch(tokenizer, task.train[start : start + 2]) for start in (0, 2)]
+    for start, expected in zip((0, 2), expected_batches, strict=True):
+        batch = collate(published[start : start + 2], tokenizer.pad_token_id)
+        assert all(torch.equal(batch[key], expected[key]) for key in ("input_ids", "attention_mask", "labels"))
+
+    sides = {}
+    for tokenization in ("published", "loralab"):
+        bases = spectral_bases(model, prefixes, weights, torch.device("cpu"))
+        calibrate(model, tokenizer, task, bases, 2, 512, 4, tokenization)
+        sides[tokenization] = bases
+    hand = autograd_sigma_gradients(model, sides["published"], expected_batches)
+    for (prefix, basis), expected in zip(sides["published"].items(), hand, strict=True):
+        assert torch.linalg.norm(basis.g - expected) / torch.linalg.norm(expected) < 1e-4, prefix
+    moved = max(
+        float((sides["loralab"][p].g - sides["published"][p].g).abs().max() / sides["published"][p].g.abs().max())
+        for p in prefixes
+    )
+    assert moved > 1e-2  # BOS moves g well beyond rounding on this model
+
+
+def test_published_tokenization_needs_an_sft_task(tmp_path):
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    task = tmp_path / "chat.yaml"
+    task.write_text(f"task:\n  name: my_chat\n  format: chat\n  path: {tmp_path / 'chat.jsonl'}\n")
+    edit = SpectralEdit("tiny-llama", "x", tmp_path / "out", calib_task=str(task), calib_tokenization="published")
+    with pytest.raises(ConfigError, match="needs an sft calibration task"):
+        spectral_calibration_task(edit)
+    with pytest.raises(ConfigError, match="calib_tokenization must be"):
+        SpectralEdit("tiny-llama", "x", tmp_path, calib_tokenization="bos")
 
 
 # ---- §3 the edit rules by hand --------------------------------------------------------------------

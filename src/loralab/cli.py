@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_config_show)
     listing = config_commands.add_parser("list", help="the packaged experiments that --config NAME finds")
     listing.set_defaults(handler=cmd_config_list)
+    explaining = config_commands.add_parser("explain", help="type, default, allowed values and help of one key")
+    explaining.add_argument("key", help="a dotted key: train.lr, method.adapter.r, method.gradient.grit.kfac_damping")
+    add_config_arguments(explaining)
+    explaining.set_defaults(handler=cmd_config_explain)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's adapter, or a base model + adapter on a task")
     evaluate.add_argument("--run", type=Path, help="a run directory (uses its config.yaml and adapter/)")
@@ -376,6 +380,13 @@ def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-batch-size", type=int, default=2, help="calibration batch size (default 2)")
     parser.add_argument("--max-length", type=int, default=512, help="calibration token limit (default 512)")
     parser.add_argument(
+        "--calib-tokenization",
+        default="loralab",
+        choices=["loralab", "published"],
+        help="loralab: the prompt with the tokenizer's special tokens (BOS), as loralab trains; published: "
+        "prompt + answer + EOS text without special tokens, as the published tool (default loralab)",
+    )
+    parser.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -452,6 +463,15 @@ def cmd_config_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_explain(args: argparse.Namespace) -> int:
+    """One key's reference entry; `method.<axis>.<field>` is read for the kinds the config resolves to."""
+    from loralab.config.reference import explain
+
+    config = train_config(args)
+    print(explain(args.key, {"adapter": config.method.adapter.kind, "gradient": config.method.gradient.kind}))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> Reply:
     from loralab.evaluation.standalone import evaluate_adapter
 
@@ -505,6 +525,7 @@ def cmd_edit_spectral(args: argparse.Namespace) -> int:
         args.dtype,
         args.device,
         args.overwrite,
+        args.calib_tokenization,
     )
     config = None
     if args.eval:  # checked before the edit runs, so a bad evaluation setting costs no calibration
@@ -622,7 +643,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> Reply:
-    from loralab.experiments.report import find_groups, render, summaries, table
+    from loralab.experiments.report import find_groups, summaries, table
+    from loralab.tables import render
 
     groups = find_groups(args.paths)
     text = render(*table(groups), args.format)

@@ -3,6 +3,7 @@
 Per module: thin SVD of B A from the adapter file (lowrank.py), ∂L/∂σ_k from hooks over a calibration set
 (sensitivity.py), new σ by the edit rule (rules.py), B' = U diag(√σ'), A' = diag(√σ') Vᵀ written under the same
 keys in the original dtype. Modules that are not selected are copied byte for byte; the result is a PEFT adapter.
+The math, the defaults and every choice the paper leaves open: docs/methods/spectral_edit.md.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -25,8 +27,9 @@ from loralab.adapters.peft_any import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft
 from loralab.config.load import load_task_config, task_section
 from loralab.config.schema import ModelConfig, TaskConfig
 from loralab.data import TaskData, load_task
-from loralab.data.collate import collate
-from loralab.data.encode import encode_examples
+from loralab.data.collate import IGNORE_INDEX, collate
+from loralab.data.encode import encode_examples, fit_sequences
+from loralab.data.tasks import Example
 from loralab.edit.rules import EditRule, edit_sigma
 from loralab.edit.sensitivity import SpectralBasis, recording
 from loralab.errors import AdapterError, ConfigError, first_line
@@ -34,6 +37,7 @@ from loralab.lowrank import rebuild_factors, thin_svd
 from loralab.models import load_model
 
 META_FILE = "spectral_edit_meta.json"
+TOKENIZATIONS = ("loralab", "published")
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -57,6 +61,7 @@ class SpectralEdit:
     dtype: str = "auto"
     device: str = "auto"
     overwrite: bool = False
+    calib_tokenization: Literal["loralab", "published"] = "loralab"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -67,6 +72,8 @@ class SpectralEdit:
             raise ConfigError(f"layer_min ({self.layer_min}) must not exceed layer_max ({self.layer_max})")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.calib_tokenization not in TOKENIZATIONS:
+            raise ConfigError(f"calib_tokenization must be loralab or published, got {self.calib_tokenization!r}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -90,6 +97,7 @@ class SpectralEdit:
             "calib_task": self.calib_task,
             "calib_samples": self.calib_samples,
             "calib_batch_size": self.calib_batch_size,
+            "calib_tokenization": self.calib_tokenization,
             **self.rule.as_dict(),
             "loralab_version": __version__,
         }
@@ -172,6 +180,25 @@ def spectral_bases(
     return bases
 
 
+def published_sequence(example: Example, tokenizer) -> dict:
+    """The published tool's calibration tokens: prompt + answer + the EOS text, without special tokens; the loss
+    masked over as many tokens as the prompt alone has; attention 0 wherever the id is the pad id."""
+    full = tokenizer(example.text + example.target + (tokenizer.eos_token or ""), add_special_tokens=False)
+    ids = full["input_ids"]
+    prompt = min(len(tokenizer(example.text, add_special_tokens=False)["input_ids"]), len(ids))
+    mask = [int(token != tokenizer.pad_token_id) for token in ids]
+    return {"input_ids": ids, "attention_mask": mask, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]}
+
+
+def calibration_features(task: TaskData, tokenizer, max_length: int, samples: int, tokenization: str) -> list[dict]:
+    """loralab: the task's training features (the prompt with the tokenizer's special tokens, as loralab trains);
+    published: `published_sequence` per example (sft tasks only), cut at `max_length` the same way."""
+    examples = task.train[:samples]
+    if tokenization == "loralab":
+        return encode_examples(task.spec, examples, tokenizer, max_length)
+    return fit_sequences([published_sequence(e, tokenizer) for e in examples], examples, max_length, "right")
+
+
 def calibrate(
     model: nn.Module,
     tokenizer,
@@ -180,11 +207,12 @@ def calibrate(
     batch_size: int,
     max_length: int,
     samples: int,
+    tokenization: str = "loralab",
 ) -> None:
     """Sum ∂L/∂σ over the first `samples` training examples, one answer-token loss per batch; no parameter receives
     a gradient."""
     device = next(model.parameters()).device
-    features = encode_examples(task.spec, task.train[:samples], tokenizer, max_length)
+    features = calibration_features(task, tokenizer, max_length, samples, tokenization)
     handle = model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
     try:
         for start in range(0, len(features), batch_size):
@@ -214,6 +242,8 @@ def calibration_task(edit: SpectralEdit) -> TaskConfig:
     task = load_task_config(**{**keys, **sizes})
     if task.format not in ("sft", "chat"):
         raise ConfigError(f"--calib_task must be an sft or chat task; {task.name} is {task.format}")
+    if edit.calib_tokenization == "published" and task.format != "sft":
+        raise ConfigError(f"--calib-tokenization published needs an sft calibration task; {task.name} is chat")
     return task
 
 
@@ -233,7 +263,16 @@ def spectral_edit(edit: SpectralEdit) -> EditOutcome:
     model = load_peft_adapter(model.to(device), source)
     model.eval()
     bases = spectral_bases(model, prefixes, tensors, device)
-    calibrate(model, tokenizer, task, bases, edit.calib_batch_size, edit.max_length, edit.calib_samples)
+    calibrate(
+        model,
+        tokenizer,
+        task,
+        bases,
+        edit.calib_batch_size,
+        edit.max_length,
+        edit.calib_samples,
+        edit.calib_tokenization,
+    )
     generator = torch.Generator().manual_seed(edit.rule.seed)
     stats = {}
     for prefix, basis in bases.items():
