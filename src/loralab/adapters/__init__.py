@@ -1,11 +1,23 @@
-"""Adapters: what is trainable and how it is inserted. `build_adapter` maps method.adapter to one."""
+"""Adapters: what is trainable and how it is inserted. `build_adapter` maps method.adapter to one.
+
+Each kind registers its builder here with one line (its options class is registered in config/schema.py);
+docs/config.md, "Adding an adapter kind or a gradient rule", gives the steps.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from loralab.adapters.base import SIDE_FILE, Adapter, LoraView, read_json, require_directory
+from loralab.adapters.base import (
+    ADAPTERS,
+    SIDE_FILE,
+    Adapter,
+    LoraView,
+    read_json,
+    register_adapter,
+    require_directory,
+)
 from loralab.adapters.dual_rank import DualRankLoraAdapter
 from loralab.adapters.houlsby import HoulsbyAdapter
 from loralab.adapters.lora import LoraAdapter
@@ -14,24 +26,21 @@ from loralab.adapters.prefix import PrefixAdapter
 from loralab.adapters.subset import BitfitAdapter, FullAdapter
 from loralab.errors import AdapterError
 
+register_adapter("lora", lambda options, head: LoraAdapter(head, options))
+register_adapter("dual_rank_lora", lambda options, head: DualRankLoraAdapter(head, options))
+register_adapter("full", lambda options, head: FullAdapter())
+register_adapter("bitfit", lambda options, head: BitfitAdapter(options.train_layernorm))
+register_adapter("peft", lambda options, head: AnyPeftAdapter(head, options.peft_type, options.kwargs))
+register_adapter("houlsby", lambda options, head: HoulsbyAdapter(options.bottleneck, options.init_std))
+register_adapter(
+    "prefix",
+    lambda options, head: PrefixAdapter(options.num_virtual_tokens, options.projection, options.projection_hidden),
+)
+
 
 def build_adapter(options: Any, head: str) -> Adapter:
-    """The adapter for `method.adapter` options on a model with the given head (seq_cls | causal_lm)."""
-    if options.kind == "lora":
-        return LoraAdapter(head, options)
-    if options.kind == "dual_rank_lora":
-        return DualRankLoraAdapter(head, options)
-    if options.kind == "full":
-        return FullAdapter()
-    if options.kind == "bitfit":
-        return BitfitAdapter(options.train_layernorm)
-    if options.kind == "peft":
-        return AnyPeftAdapter(head, options.peft_type, options.kwargs)
-    if options.kind == "houlsby":
-        return HoulsbyAdapter(options.bottleneck, options.init_std)
-    if options.kind == "prefix":
-        return PrefixAdapter(options.num_virtual_tokens, options.projection, options.projection_hidden)
-    raise ValueError(f"no adapter for kind {options.kind!r}")
+    """The adapter for `method.adapter` options on a model with the given head (seq_cls | causal_lm | masked_lm)."""
+    return ADAPTERS.lookup(options.kind, "method.adapter.kind")(options, head)
 
 
 def load_adapter(model: Any, directory: str | Path, adapter_name: str = "default") -> Any:
@@ -46,4 +55,4 @@ def load_adapter(model: Any, directory: str | Path, adapter_name: str = "default
     raise AdapterError(f"{directory} is not an adapter directory (no {ADAPTER_CONFIG} or {SIDE_FILE})")
 
 
-__all__ = ["Adapter", "LoraView", "build_adapter", "load_adapter", "load_peft_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "LoraView", "build_adapter", "load_adapter", "load_peft_adapter", "register_adapter"]

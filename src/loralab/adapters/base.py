@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from safetensors import safe_open
 from torch import nn
 
+from loralab.config.registry import Registry
 from loralab.errors import AdapterError
 
 SIDE_FILE = "loralab.json"
@@ -43,6 +45,15 @@ class Adapter(Protocol):
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """Insert saved trained parts into a freshly loaded base model."""
+
+
+AdapterBuilder = Callable[[Any, str], Adapter]  # (method.adapter options, head: seq_cls | causal_lm | masked_lm)
+ADAPTERS: Registry[AdapterBuilder] = Registry("adapter kind")
+
+
+def register_adapter(kind: str, builder: AdapterBuilder | None = None) -> Any:
+    """Register the builder of an adapter kind: `register_adapter(kind, builder)`, or `@register_adapter(kind)`."""
+    return ADAPTERS.register(kind) if builder is None else ADAPTERS.register(kind)(builder)
 
 
 def is_head_parameter(name: str) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from loralab.adapters.base import LoraView
+from loralab.config.registry import Registry
 
 LossFn = Callable[[nn.Module, dict], Tensor]
 Backward = Callable[[Tensor], None]
@@ -121,3 +122,12 @@ class RuleDefaults:
 
 class NoRule(RuleDefaults):
     """`method.gradient.kind: none` — plain backward, clip, step."""
+
+
+RuleBuilder = Callable[[Any], GradientRule]  # method.gradient options → the rule
+RULES: Registry[RuleBuilder] = Registry("gradient kind")
+
+
+def register_rule(kind: str, builder: RuleBuilder | None = None) -> Any:
+    """Register the builder of a gradient rule: `register_rule(kind, builder)`, or `@register_rule(kind)`."""
+    return RULES.register(kind) if builder is None else RULES.register(kind)(builder)
