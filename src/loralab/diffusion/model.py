@@ -5,6 +5,7 @@ Sequences are a prompt (never masked) followed by a fixed-length response slot; 
 response token with probability 1 − α_t. Adapters see the noise level through `conditioning` (t and the prompt
 positions), set for the length of each forward. Parts the LM owns beyond the checkpoint — a time embedding,
 and a masked-LM head the checkpoint lacks — train with every adapter and are saved beside it.
+MDLM and LLaDA's formulation; docs/methods/lora_diffusion.md §1 states every choice.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ the schedule so that the masked count tracks 1 − α(t_{i+1}) and nothing is ma
 Revealed and prompt tokens never change. With `block_length` the slot is filled block by block
 (semi-autoregressive), each block with an equal share of the steps; t is the global 1 − i/T throughout.
 Outputs are cut at the first EOS, and once every sequence has one, later blocks are not sampled.
+LLaDA's sampler (Nie et al., 2025); docs/methods/lora_diffusion.md §2.
 """
 
 from __future__ import annotations

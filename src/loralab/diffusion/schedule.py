@@ -2,7 +2,8 @@
 
 `loglinear` is 1 − α_t = ε + (1 − ε)t (LLaDA's form: every token is masked at t = 1, at least ε at t → 0; its
 ELBO weight is (1 − ε)/(ε + (1 − ε)t) ≈ 1/t), `cosine` 1 − α_t = 1 − cos(πt/2), `linear` α_t = exp(−σ(t)) with
-σ(t) = σ_min + t(σ_max − σ_min). Whatever the schedule, t = 1 masks the whole response.
+σ(t) = σ_min + t(σ_max − σ_min). Whatever the schedule, t = 1 masks the whole response. The ELBO weight is MDLM's
+(Sahoo et al., 2024); docs/methods/lora_diffusion.md §1 states the weights and the choices.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ site (the last hidden state, or every encoder layer's output) get δ = σ_p Σ_i
 frozen backbone's hidden states at that site over the prompt tokens (optionally standardised per feature),
 projected to `cond_dim` by a trainable linear map. W_up, γ and β start at zero, so the adapter is a no-op at
 init. Not expressible as a PEFT adapter: it is saved as `trajectory_lora.safetensors` + `trajectory_lora.json`.
+Where this differs from the LoRA-Diffusion paper and its published code: docs/methods/lora_diffusion.md §4, §6.
 """
 
 from __future__ import annotations
