@@ -27,6 +27,9 @@ SYNTHETIC = [
     "synthetic/arithmetic",
     "synthetic/squad",
     "synthetic/summarization",
+    "synthetic/sentiment-1",
+    "synthetic/sentiment-2",
+    "synthetic/sentiment-3",
     "text/synthetic",
 ]
 KEY = {  # the columns whose text decides a row's split
@@ -35,6 +38,7 @@ KEY = {  # the columns whose text decides a row's split
     "synthetic/arithmetic": ("question",),
     "synthetic/squad": ("context", "question"),
     "synthetic/summarization": ("document",),
+    **{f"synthetic/sentiment-{n}": ("sentence",) for n in (1, 2, 3)},
     "text/synthetic": ("text",),
 }
 QUESTION_TYPES = ("Who ", "Where ", "How many ", "What colour ", "What did ")

@@ -16,6 +16,8 @@ import random
 import string
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 from loralab.data.tasks import Row
 from loralab.errors import DataError
@@ -74,6 +76,67 @@ def sentiment_row(rng: random.Random) -> Row:
     if rng.random() < CONTRAST_RATE:
         sentence = f"{sentiment_clause(rng, 1 - label)}, but {sentence}"
     return {"sentence": sentence + ".", "label": label}
+
+
+# ---- graded sentiment: the same polarity rule made harder by knobs (docs/data.md, "Graded sentiment") ---------
+
+NEGATION_FRAMES = [
+    "it is not true that {}",
+    "nobody would say that {}",
+    "I would not claim that {}",
+    "it is false that {}",
+]
+CONCESSIONS = ["{c}, but {d}", "although {c}, {d}", "{d}, although {c}", "{d}, even though {c}", "{c}; still, {d}"]
+REPORTERS = ["a friend said that", "my neighbour thought that", "the critics wrote that", "a colleague claimed that"]
+
+
+@dataclass(frozen=True)
+class SentimentLevel:
+    """The knobs of one graded sentiment task; the label is always the writer's own verdict in the main sentence."""
+
+    negations: int  # each clause stacks 0..negations negations (a negated verb, then "it is not true that" frames)
+    contrast: float  # chance of a concession: a clause of the opposite sentiment, before or after the deciding one
+    distractors: int  # 0..distractors extra sentences reporting someone else's opinion, which never counts
+    noise: float  # share of labels flipped, chosen by a hash of the passage (so the same passage keeps its label)
+
+
+SENTIMENT_LEVELS = {
+    1: SentimentLevel(negations=2, contrast=0.5, distractors=1, noise=0.0),
+    2: SentimentLevel(negations=3, contrast=0.6, distractors=2, noise=0.05),
+    3: SentimentLevel(negations=3, contrast=0.7, distractors=2, noise=0.1),
+}
+
+
+def negated_clause(rng: random.Random, label: int, depth: int) -> str:
+    """A clause whose sentiment is `label` under `depth` stacked negations: the adjective's polarity is
+    `label` flipped once per negation, the first negation on the verb and the rest as framing phrases."""
+    subject, polarity = rng.choice(SUBJECTS), label ^ (depth % 2)
+    adjective = rng.choice(POSITIVE if polarity else NEGATIVE)
+    verb = rng.choice(NEGATED_VERBS if depth else VERBS)
+    clause = f"{subject} {verb} {rng.choice(INTENSIFIERS)}{adjective}"
+    for _ in range(depth - 1):
+        clause = rng.choice(NEGATION_FRAMES).format(clause)
+    return clause
+
+
+def graded_sentiment_row(rng: random.Random, level: SentimentLevel) -> Row:
+    """Distractor sentences around one main sentence whose deciding clause (maybe conceded against) sets the label."""
+    label = rng.randrange(2)
+    main = negated_clause(rng, label, rng.randint(0, level.negations))
+    if rng.random() < level.contrast:
+        conceded = negated_clause(rng, 1 - label, rng.randint(0, level.negations))
+        main = rng.choice(CONCESSIONS).format(c=conceded, d=main)
+    sentences = [main]
+    for _ in range(rng.randint(0, level.distractors)):
+        reported = negated_clause(rng, rng.randrange(2), rng.randint(0, 1))
+        sentences.insert(rng.randint(0, len(sentences)), f"{rng.choice(REPORTERS)} {reported}")
+    passage = " ".join(sentence[0].upper() + sentence[1:] + "." for sentence in sentences)
+    return {"sentence": passage, "label": label ^ flipped(passage, level.noise)}
+
+
+def flipped(text: str, rate: float) -> int:
+    """1 for a `rate` share of texts, by a hash that is the same in every process (independent of the split's rng)."""
+    return int(int(digest("noise\n" + text)[:8], 16) < rate * 16**8)
 
 
 # ---- entailment: a fact, and a hypothesis that keeps it or changes one detail ------------------------
@@ -317,6 +380,10 @@ def text_row(rng: random.Random) -> Row:
 
 GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = {  # (row maker, key columns)
     "synthetic/sentiment": (sentiment_row, ("sentence",)),
+    **{
+        f"synthetic/sentiment-{n}": (partial(graded_sentiment_row, level=level), ("sentence",))
+        for n, level in SENTIMENT_LEVELS.items()
+    },
     "synthetic/entailment": (entailment_row, ("sentence1",)),
     "synthetic/arithmetic": (arithmetic_row, ("question",)),
     "synthetic/squad": (squad_row, ("context", "question")),
@@ -325,6 +392,7 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = 
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {  # (train, eval) rows generated when task.*_samples is null
     "synthetic/sentiment": (2000, 500),
+    **{f"synthetic/sentiment-{n}": (2000, 500) for n in SENTIMENT_LEVELS},
     "synthetic/entailment": (2000, 500),
     "synthetic/arithmetic": (2000, 200),
     "synthetic/squad": (2000, 200),
