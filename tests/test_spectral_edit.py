@@ -20,7 +20,8 @@ from loralab.data.collate import collate
 from loralab.data.encode import encode_examples
 from loralab.edit import EditRule, SpectralEdit, edit_sigma
 from loralab.edit.rules import gd_step, normalize, preserve, selection_counts
-from loralab.edit.spectral import calibrate, calibration_features, select_modules, spectral_bases
+from loralab.edit.sensitivity import SpectralBasis
+from loralab.edit.spectral import calibrate, calibration_features, require_finite, select_modules, spectral_bases
 from loralab.edit.spectral import calibration_task as spectral_calibration_task
 from loralab.errors import ConfigError
 from loralab.evaluation.gsm8k import get_profile
@@ -189,6 +190,18 @@ def test_published_tokenization_needs_an_sft_task(tmp_path):
         spectral_calibration_task(edit)
     with pytest.raises(ConfigError, match="calib_tokenization must be"):
         SpectralEdit("tiny-llama", "x", tmp_path, calib_tokenization="bos")
+
+
+def test_calibration_dtype_defaults_and_a_non_finite_sensitivity_is_refused(tmp_path):
+    assert SpectralEdit("tiny-llama", "x", tmp_path, device="cuda").model_config().dtype == "float16"
+    assert SpectralEdit("tiny-llama", "x", tmp_path, device="cpu").model_config().dtype == "float32"
+    assert SpectralEdit("tiny-llama", "x", tmp_path, dtype="bfloat16").model_config().dtype == "bfloat16"
+    finite = SpectralBasis.of(torch.nn.Identity(), torch.eye(2), torch.ones(2), torch.eye(2), 1.0)
+    broken = SpectralBasis.of(torch.nn.Identity(), torch.eye(2), torch.ones(2), torch.eye(2), 1.0)
+    broken.g[1] = math.inf
+    require_finite({"a": finite}, "float16")
+    with pytest.raises(ConfigError, match=r"calibration in float16 gave non-finite .* module\(s\) \(first: b\)"):
+        require_finite({"a": finite, "b": broken}, "float16")
 
 
 # ---- §3 the edit rules by hand --------------------------------------------------------------------

@@ -390,7 +390,7 @@ def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="weights (default auto: bfloat16 on a GPU, float32 on a CPU)",
+        help="weights for calibration and --eval (default auto: float16 on a GPU, float32 on a CPU)",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--eval", choices=("gsm8k",), help="evaluate the source and the edited adapter")

@@ -81,10 +81,11 @@ class SpectralEdit:
         return torch.device(self.device)
 
     def model_config(self) -> ModelConfig:
-        """The base model as loralab loads it: bf16 on a GPU and fp32 on a CPU unless `dtype` says otherwise."""
+        """The base model as calibrated: fp16 on a GPU (g within ~1e-3 of max|g| of float64 on a tiny model, bf16
+        ~4e-3: docs/methods/spectral_edit.md) and fp32 on a CPU, unless `dtype` says otherwise."""
         dtype = self.dtype
         if dtype == "auto":
-            dtype = "bfloat16" if self.torch_device().type == "cuda" else "float32"
+            dtype = "float16" if self.torch_device().type == "cuda" else "float32"
         return ModelConfig(self.base_model, "causal_lm", dtype, "none", False, False, None)
 
     def meta(self) -> dict:
@@ -226,6 +227,16 @@ def calibrate(
         handle.remove()
 
 
+def require_finite(bases: dict[str, SpectralBasis], dtype: str) -> None:
+    """One line, not an edit of garbage, when a half-precision calibration overflowed."""
+    bad = [name for name, basis in bases.items() if not bool(basis.g.isfinite().all())]
+    if bad:
+        raise ConfigError(
+            f"calibration in {dtype} gave non-finite ∂L/∂σ in {len(bad)} module(s) (first: {bad[0]}); "
+            "rerun with --dtype float32 or bfloat16"
+        )
+
+
 def write_adapter(edit: SpectralEdit, source: Path, tensors: dict, metadata: dict, stats: dict) -> None:
     shutil.copyfile(source / ADAPTER_CONFIG, edit.out_dir / ADAPTER_CONFIG)
     save_file(tensors, str(edit.out_dir / ADAPTER_WEIGHTS), metadata=metadata)
@@ -273,6 +284,7 @@ def spectral_edit(edit: SpectralEdit) -> EditOutcome:
         edit.calib_samples,
         edit.calib_tokenization,
     )
+    require_finite(bases, edit.model_config().dtype)
     generator = torch.Generator().manual_seed(edit.rule.seed)
     stats = {}
     for prefix, basis in bases.items():
