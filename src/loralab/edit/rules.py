@@ -3,6 +3,7 @@
 Three modes: `abs_select` scales the k_core directions of largest |g| by amp_factor and the k_noise of
 smallest |g| by sup_factor; `random_index` is its control, the same counts at random indices; `gd` takes one
 gradient step on σ. Every mode then clamps at sigma_clip_min and may rescale to keep Σσ (l1) or ‖σ‖ (l2).
+The published tool's method note §2.3 and docs/methods/spectral_edit.md §5 state the rules and their defaults.
 """
 
 from __future__ import annotations

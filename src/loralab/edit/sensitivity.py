@@ -2,7 +2,8 @@
 
 With ΔW_eff = s U diag(σ) Vᵀ the module adds s U diag(σ) Vᵀ x to its output y, so
 ∂L/∂σ_k = s Σ_tokens (gyᵀ u_k)(xᵀ v_k), gy = ∂L/∂y. A forward hook keeps xV (tokens×r, padding rows zeroed)
-and a tensor hook on y folds gy U into the running, signed sum g (the LoRA Spectral Edit paper).
+and a tensor hook on y folds gy U into the running, signed sum g (the published tool's method note §2.2;
+docs/methods/spectral_edit.md §2).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Rank-space K-FAC algebra for LoRA factors: damped inverses, natural-gradient preconditioning, eigenbases,
-and the projection of Adam's moments onto a reprojected subspace. Pure functions on r×r matrices.
+and the projection of Adam's moments onto a reprojected subspace. Pure functions on r×r matrices
+(docs/methods/grit.md §2–§3; K-FAC: Martens & Grosse, ICML 2015).
 """
 
 from __future__ import annotations
