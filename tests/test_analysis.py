@@ -14,15 +14,15 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from loralab.adapters import build_adapter, load_adapter, load_peft_adapter
 from loralab.adapters.lora import peft_lora_views
-from loralab.analysis import plots
-from loralab.analysis.merge import merge_adapter, mergeable_source
-from loralab.analysis.params import (
+from loralab.adapters.params import (
     adapter_parameter_names,
     canonical_names,
     frozen_hash,
     parameter_efficiency,
     verify_frozen_base,
 )
+from loralab.analysis import plots
+from loralab.analysis.merge import merge_adapter, mergeable_source
 from loralab.analysis.source import resolve_source
 from loralab.analysis.spectra import entropy_effective_rank, lora_statistics
 from loralab.cli import main

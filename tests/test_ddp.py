@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from loralab.cli import main
 from loralab.config.load import load_config, run_files
 from loralab.errors import ConfigError
-from loralab.experiments.runs import run_dir_for
 from loralab.tracking import read_metrics
 from loralab.training.loop import micro_batches, smallest_part
+from loralab.training.rundir import run_dir_for
 
 pytestmark = pytest.mark.slow
 

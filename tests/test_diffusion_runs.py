@@ -14,10 +14,10 @@ from loralab.data.collate import collate
 from loralab.diffusion import load_diffusion_model
 from loralab.errors import ConfigError, LoraLabError
 from loralab.evaluation.standalone import evaluate_adapter
-from loralab.experiments.runs import read_status
 from loralab.models.presets import build_tiny
 from loralab.training.optim import build_optimizer
 from loralab.training.recipe import prepare, run_training
+from loralab.training.rundir import read_status
 
 pytestmark = pytest.mark.slow
 METHODS = ["lora_diffusion", "weight_lora", "adapters", "prefix", "bitfit", "full_ft"]

@@ -16,8 +16,8 @@ from loralab.config.schema import DualRankOptions
 from loralab.data.collate import collate
 from loralab.errors import AdapterError
 from loralab.models import load_model
+from loralab.seeding import seed_everything
 from loralab.training.recipe import prepare, run_training
-from loralab.training.seeding import seed_everything
 
 pytestmark = pytest.mark.slow
 

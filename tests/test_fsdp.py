@@ -25,8 +25,8 @@ from loralab.adapters import build_adapter
 from loralab.cli import main
 from loralab.config.load import load_config
 from loralab.models import load_model
+from loralab.seeding import seed_everything
 from loralab.tracking import read_metrics
-from loralab.training.seeding import seed_everything
 from loralab.training.sharding import ShardingPlan, read_plan, shard_frozen_base
 from test_ddp import METHODS as DDP_METHODS
 from test_ddp import TINY, adapter, losses, max_difference, overrides, run_of, train

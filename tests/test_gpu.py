@@ -27,13 +27,13 @@ from loralab.config import RunConfig, load_config
 from loralab.data import load_task
 from loralab.data.collate import collate
 from loralab.evaluation.generate import HfGenerator, VllmGenerator
-from loralab.experiments.runs import read_status
 from loralab.models import load_model
 from loralab.models.presets import tiny_config, tiny_tokenizer
 from loralab.tracking import read_metrics
 from loralab.training.loop import BatchOrder, TrainState, prepare_for_loop, train
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.recipe import RunParts, new_accelerator, prepare, run_training
+from loralab.training.rundir import read_status
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 

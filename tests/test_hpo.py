@@ -22,12 +22,12 @@ from matplotlib.image import imread
 from optuna.trial import TrialState
 
 from loralab.cli import main
-from loralab.config import config_hash, load_config
+from loralab.config import config_hash, hpo_space, load_config
 from loralab.config.schema import LrGridConfig
 from loralab.errors import ConfigError
-from loralab.experiments import hpo, hpo_outputs, hpo_space, hpo_study
-from loralab.experiments.runs import read_status
+from loralab.experiments import hpo, hpo_outputs, hpo_study
 from loralab.training.recipe import StopRun
+from loralab.training.rundir import read_status
 
 LR_GRID = "hpo.space={train.lr: [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4]}"
 
@@ -434,8 +434,8 @@ def test_grid_study_runs_each_point_once_and_a_rerun_runs_nothing(tmp_path, caps
 @pytest.mark.slow
 def test_a_run_killed_after_its_last_checkpoint_resumes(tmp_path):
     """A retried trial whose worker died between the final checkpoint and status 'completed' finishes."""
-    from loralab.experiments.runs import write_status
     from loralab.training.recipe import run_training
+    from loralab.training.rundir import write_status
 
     config = load_config([], [*tiny(tmp_path), "io.overwrite=resume"])
     first = run_training(config, show_progress=False)

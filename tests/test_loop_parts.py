@@ -14,11 +14,11 @@ from loralab.data.collate import IGNORE_INDEX, collate, left_pad_prompts
 from loralab.data.encode import encode_examples
 from loralab.data.tasks import Example
 from loralab.errors import DataError, RunError
-from loralab.experiments.runs import plan_run
 from loralab.models.presets import tiny_tokenizer
 from loralab.tracking import read_metrics
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.recipe import run_training
+from loralab.training.rundir import plan_run
 from test_training import tiny
 
 

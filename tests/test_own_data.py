@@ -153,8 +153,8 @@ def test_packed_and_grouped_runs_resume_exactly(tmp_path, layout):
     """A run whose last checkpoint and outputs are lost resumes from the one before and ends bit-identical."""
     import shutil
 
-    from loralab.experiments.runs import write_status
     from loralab.training.recipe import run_training
+    from loralab.training.rundir import write_status
 
     args = [
         f"io.root={tmp_path}",

@@ -11,7 +11,8 @@ import pytest
 
 from loralab.cli import main
 from loralab.errors import RunError
-from loralab.experiments.report import find_groups, render, table
+from loralab.experiments.report import find_groups, table
+from loralab.tables import render
 from loralab.tracking import CSV_FIELDS
 
 

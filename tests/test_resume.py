@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loralab.experiments.runs import read_status
+from loralab.training.rundir import read_status
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ import yaml
 from safetensors.torch import load_file
 
 from loralab.cli import main
-from loralab.experiments.runs import load_status, read_status, write_status
 from loralab.tracking import MetricsCSV
 from loralab.training.checkpoint import write_manifest
+from loralab.training.rundir import load_status, read_status, write_status
 
 ARGS = [
     "model.name=tiny-bert",

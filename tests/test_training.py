@@ -15,12 +15,12 @@ from loralab.data import load_task
 from loralab.data.collate import collate
 from loralab.data.encode import encode_classification
 from loralab.errors import LoraLabError, RunError
-from loralab.experiments.runs import read_status
 from loralab.models import load_model
+from loralab.seeding import seed_everything
 from loralab.tracking import read_metrics
 from loralab.training.loop import BatchOrder
 from loralab.training.recipe import run_training
-from loralab.training.seeding import seed_everything
+from loralab.training.rundir import read_status
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ from pathlib import Path
 from safetensors import safe_open
 
 from loralab.adapters.base import check_safetensors
-from loralab.analysis.params import adapter_parameter_names, parameter_efficiency, verify_frozen_base
+from loralab.adapters.params import adapter_parameter_names, parameter_efficiency, verify_frozen_base
 from loralab.analysis.source import AdapterSource
 from loralab.analysis.spectra import lora_statistics, summarise
 from loralab.errors import ConfigError
-from loralab.experiments.runs import read_status
+from loralab.training.rundir import read_status
 
 RESULT = "analysis.json"
 STATUS_KEYS = ("frozen_sha256_start", "frozen_sha256_end")

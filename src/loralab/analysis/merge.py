@@ -28,8 +28,8 @@ from loralab.analysis.source import NATIVE_WEIGHTS, AdapterSource, locate, resol
 from loralab.diffusion.model import PARTS_FILE
 from loralab.errors import AdapterError, ConfigError, first_line
 from loralab.evaluation.standalone import default_device
-from loralab.experiments.report import render
 from loralab.models import load_model
+from loralab.tables import render
 
 RESULT = "merge_check.json"
 SIDES = ("adapter", "merged", "base")

@@ -1,7 +1,7 @@
 """Which adapter, on which base model, with which head: from a run directory or an adapter directory + --base.
 
 A run directory (holding `config.yaml` and `adapter/`) gives the base model, its dtype and the task, hence the
-head (`training.recipe.resolve_head`) and the number of labels. A bare adapter directory needs `--base`; its
+head (`models.heads.resolve_head`) and the number of labels. A bare adapter directory needs `--base`; its
 head comes from `--task`, else from the PEFT config's task type; a classification head's size comes from the
 task, else from the saved head tensor. A masked-diffusion run is analysed on its masked-LM backbone.
 """
@@ -24,8 +24,8 @@ from loralab.config import load_config
 from loralab.config.schema import ModelConfig, RunConfig
 from loralab.data import load_task, resolved_spec
 from loralab.errors import AdapterError, ConfigError
+from loralab.models.heads import resolve_head
 from loralab.models.load import load_model_reporting_new
-from loralab.training.recipe import resolve_head
 
 NATIVE_WEIGHTS = {  # loralab's own (non-PEFT) adapter kinds: the file of the tensors they train
     "full": "weights.safetensors",

@@ -353,8 +353,8 @@ def check_combinations(config: RunConfig) -> None:
 
 
 def check_hpo(config: RunConfig) -> None:
-    """The hpo section: its schedule exists and its search space parses (experiments/hpo_space.py)."""
-    from loralab.experiments.hpo_space import check_hpo_section
+    """The hpo section: its schedule exists and its search space parses (config/hpo_space.py)."""
+    from loralab.config.hpo_space import check_hpo_section
 
     if config.hpo.schedule is not None:
         packaged_schedule(config.hpo.schedule)

@@ -13,10 +13,9 @@ from typing import Any
 from loralab.config.load import build_dataclass
 from loralab.config.schema import TaskConfig
 from loralab.config.tasks import DEFAULT_COLUMNS, builtin_definition, builtin_task_names, canonical_name
+from loralab.data.answers import UNANSWERABLE, gold_answer
 from loralab.data.templates import alpaca_prompt, gsm8k_prompt, squad_prompt, xsum_prompt
 from loralab.errors import DataError, unknown
-from loralab.evaluation.gsm8k import gold_answer
-from loralab.evaluation.metrics import UNANSWERABLE
 
 Row = dict[str, Any]
 CHAT_ROLES = ("system", "user", "assistant")

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from loralab.data.answers import gold_answer
 from loralab.errors import LoraLabError, unknown
 
 Shot = tuple[str, str]
@@ -21,7 +22,6 @@ LM_EVAL_SEED = 1234
 LM_EVAL_FALLBACK = "[invalid]"
 STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-LM_EVAL_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")
 
 PAPER_HEADER = "Solve the following problem. Put your final numeric answer on the last line as:\n#### <answer>\n\n"
 PAPER_FINAL = re.compile(r"####\s*(-?\d[\d,]*)")
@@ -63,13 +63,6 @@ def regex_filter(pattern: re.Pattern[str], output: str, select: int) -> str:
     if isinstance(match, tuple):
         match = next((group for group in match if group), LM_EVAL_FALLBACK)
     return match.strip()
-
-
-def gold_answer(answer_text: str) -> str:
-    """An answer as lm-eval's exact_match compares it (regexes_to_ignore, then lower case): "#### 1,234." -> "1234"."""
-    for pattern in LM_EVAL_IGNORE:
-        answer_text = re.sub(pattern, "", answer_text)
-    return answer_text.lower()
 
 
 @dataclass(frozen=True)

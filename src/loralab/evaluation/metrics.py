@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from loralab.data.answers import UNANSWERABLE
 from loralab.errors import LoraLabError, unknown
 
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES = re.compile(r"\b(a|an|the)\b")
-UNANSWERABLE = "unanswerable"
 ANSWER_KINDS = ("label", "text", "squad")  # GSM8K answers are extracted by evaluation.gsm8k's profiles
 
 

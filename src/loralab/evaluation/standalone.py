@@ -15,14 +15,16 @@ from loralab.config.schema import RunConfig
 from loralab.data import TaskSpec, load_task, resolved_spec, task_spec
 from loralab.diffusion import load_diffusion_adapter, load_diffusion_model
 from loralab.errors import ConfigError, DataError
-from loralab.evaluation.evaluate import EvalResult, evaluate_gsm8k, evaluate_views
+from loralab.evaluation.dispatch import evaluate_in_views
+from loralab.evaluation.evaluate import EvalResult, evaluate_gsm8k
 from loralab.evaluation.generate import Generator, HfGenerator, VllmGenerator
 from loralab.evaluation.gsm8k import get_profile, score_outputs
 from loralab.evaluation.metrics import compute_metrics, extract_answer
+from loralab.evaluation.records import write_eval
 from loralab.models import load_model
+from loralab.models.heads import resolve_head
 from loralab.models.load import source
-from loralab.training.recipe import evaluate_model, resolve_head, write_eval
-from loralab.training.seeding import seed_everything
+from loralab.seeding import seed_everything
 
 
 def default_device() -> torch.device:
@@ -87,12 +89,7 @@ def evaluate_classic(config: RunConfig, adapter_dir: Path, spec: TaskSpec, examp
     else:
         model, tokenizer = load_model(config.model, head, spec.num_labels)
         model = load_adapter(model.to(default_device()), adapter_dir)
-    return evaluate_views(
-        model,
-        config.eval.views,
-        adapter_split(adapter_dir),
-        lambda: evaluate_model(config, head, model, tokenizer, spec, examples),
-    )
+    return evaluate_in_views(config, head, model, tokenizer, spec, examples, adapter_split(adapter_dir))
 
 
 def score_predictions(task: str, path: Path, profile: str | None = None) -> dict[str, float]:

@@ -45,8 +45,8 @@ from matplotlib.ticker import MaxNLocator
 from loralab.analysis.plots import save_figure, width_for
 from loralab.config.load import HASH_EXCLUDED, dotted_items
 from loralab.experiments.report import Group
-from loralab.experiments.runs import slug
 from loralab.tracking import read_metrics
+from loralab.training.rundir import slug
 
 SHAKE_C2 = ("C_r", "C_R", "A_b")
 LABEL_KEYS = 3  # config differences shown in a legend label

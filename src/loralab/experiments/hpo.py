@@ -34,13 +34,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from loralab.config import hpo_space
+from loralab.config.hpo_space import Dim
 from loralab.config.load import config_hash, config_to_dict, load_config, packaged_schedule
 from loralab.config.schema import HpoConfig, RunConfig
 from loralab.data import task_spec
 from loralab.errors import ConfigError, LoraLabError, RunError, did_you_mean
-from loralab.experiments import hpo_space
 from loralab.experiments.hpo_outputs import BEST, StudyResult, write_outputs
-from loralab.experiments.hpo_space import Dim
 from loralab.experiments.hpo_study import (
     POINT,
     StudyPlan,
@@ -50,7 +50,7 @@ from loralab.experiments.hpo_study import (
     optimize,
     quiet_optuna,
 )
-from loralab.experiments.runs import slug
+from loralab.training.rundir import slug
 
 log = logging.getLogger("loralab")
 

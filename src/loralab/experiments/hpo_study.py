@@ -40,13 +40,13 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
+from loralab.config import hpo_space
+from loralab.config.hpo_space import Dim
 from loralab.config.load import load_config
 from loralab.config.schema import RunConfig
 from loralab.errors import ConfigError, LoraLabError, RunError, first_line
-from loralab.experiments import hpo_space
-from loralab.experiments.hpo_space import Dim
-from loralab.experiments.runs import run_dir_for
 from loralab.tracking import read_metrics
+from loralab.training.rundir import run_dir_for
 
 log = logging.getLogger("loralab")
 

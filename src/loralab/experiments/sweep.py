@@ -10,7 +10,6 @@ incomplete ones resumed, so submitting a sweep again runs only what is missing.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import subprocess
@@ -24,8 +23,10 @@ from pathlib import Path
 from loralab.config.load import config_file, load_config, parse_override, read_yaml_file
 from loralab.config.schema import RunConfig
 from loralab.errors import ConfigError, DataError, LoraLabError, RunError, first_line, unknown
-from loralab.experiments.report import find_groups, render, table
-from loralab.experiments.runs import plan_run
+from loralab.evaluation.records import stored_metrics
+from loralab.experiments.report import find_groups, table
+from loralab.tables import render
+from loralab.training.rundir import plan_run
 
 log = logging.getLogger("loralab")
 
@@ -236,13 +237,6 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
-
-
-def stored_metrics(directory: Path) -> dict[str, float]:
-    path = directory / "eval.json"
-    if not path.is_file():
-        raise RunError(f"no eval.json in {directory}")
-    return json.loads(path.read_text())["metrics"]
 
 
 def in_process(run: SweepRun, files: Sequence[str], jobs: int) -> dict[str, float]:

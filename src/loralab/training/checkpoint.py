@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loralab.errors import RunError, first_line
+from loralab.seeding import rng_state, set_rng_state
 from loralab.training.loop import TrainState
-from loralab.training.seeding import rng_state, set_rng_state
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"

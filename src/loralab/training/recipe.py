@@ -14,11 +14,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loralab import collectives
 from loralab.adapters import Adapter, build_adapter
-from loralab.analysis.params import frozen_hash
+from loralab.adapters.params import frozen_hash
 from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
 from loralab.data import TaskSpec, load_task
@@ -26,14 +26,14 @@ from loralab.data.encode import encode_examples
 from loralab.data.packing import pack
 from loralab.diffusion import build_diffusion_adapter, load_diffusion_model
 from loralab.diffusion.data import encode_diffusion
-from loralab.diffusion.evaluate import evaluate_diffusion
 from loralab.errors import ConfigError
+from loralab.evaluation.diffusion import evaluate_diffusion
 from loralab.evaluation.evaluate import EvalResult, evaluate, evaluate_views
-from loralab.experiments.runs import environment, plan_run, write_status
 from loralab.gradient import GradientRule, build_rule
 from loralab.models import load_model
 from loralab.models.load import refuse_encoder
 from loralab.progress import ProgressReporter
+from loralab.seeding import seed_everything
 from loralab.tracking import MetricsCSV, RowsCSV, Trackers
 from loralab.training.checkpoint import resume_checkpoint, save_checkpoint
 from loralab.training.loop import (
@@ -47,7 +47,7 @@ from loralab.training.loop import (
     train,
 )
 from loralab.training.optim import build_optimizer, build_scheduler
-from loralab.training.seeding import seed_everything
+from loralab.training.rundir import environment, plan_run, write_status
 from loralab.training.sharding import (
     ShardingPlan,
     blocks,
@@ -312,8 +312,12 @@ def execute(
 
     write_eval(directory, final)
     parts.adapter.save(base, directory / "adapter")
-    if parts.spec.format == "text" and config.method.adapter.kind == "full":
-        base.save_pretrained(directory / "model", parts.tokenizer)
+    if parts.spec.format in ("text", "sft") and config.method.adapter.kind == "full":  # usable as a model.name
+        if isinstance(base, PreTrainedModel):  # a transformers LM saves weights and config, not its tokenizer
+            base.save_pretrained(directory / "model")
+            parts.tokenizer.save_pretrained(directory / "model")
+        else:
+            base.save_pretrained(directory / "model", parts.tokenizer)
     rule.write_outputs(directory)
     write_status(
         directory,

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from loralab import collectives
-from loralab.analysis.params import combined_hash, tensor_digest
+from loralab.adapters.params import combined_hash, tensor_digest
 from loralab.errors import ConfigError
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "NO_WRAP")
