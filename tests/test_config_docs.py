@@ -90,7 +90,7 @@ def shown(value) -> str:
 
 
 def test_explain_prints_type_default_allowed_and_help(capsys):
-    assert main(["config", "explain", "train.lr"]) == 0
+    assert main(["config", "explain", "train.lr", "train.lr=3e-4"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "train.lr",
@@ -99,6 +99,12 @@ def test_explain_prints_type_default_allowed_and_help(capsys):
         "  allowed: > 0",
         "  help:    peak learning rate of AdamW",
     ]
+
+
+def test_explain_shows_the_value_this_config_gives_the_key(capsys):
+    assert main(["config", "explain", "train.max_steps", "train.max_steps=7"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:4] == ["  type:    int | null", "  default: null", "  value:   7 (this config)"]
 
 
 def test_explain_reads_the_current_kind_and_any_kind_by_name(capsys):
@@ -119,6 +125,7 @@ def test_explain_reads_the_current_kind_and_any_kind_by_name(capsys):
         ("learning_rate", "unknown key 'learning_rate' (did you mean 'train.lr'?"),
         ("method.gradient.grit.damping", "(did you mean 'method.gradient.grit.kfac_damping'?)"),
         ("method.adapter.R", "for method.adapter.kind=lora (did you mean 'method.adapter.dual_rank_lora.R'?)"),
+        ("method.gradient.history.enabled", "(did you mean 'method.gradient.shake_align.history.enabled'?)"),
     ],
 )
 def test_an_unknown_key_is_one_line_with_a_did_you_mean_and_exit_2(key, message, capsys):

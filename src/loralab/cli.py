@@ -465,10 +465,12 @@ def cmd_config_list(args: argparse.Namespace) -> int:
 
 def cmd_config_explain(args: argparse.Namespace) -> int:
     """One key's reference entry; `method.<axis>.<field>` is read for the kinds the config resolves to."""
+    from loralab.config.load import config_to_dict, dotted_items
     from loralab.config.reference import explain
 
     config = train_config(args)
-    print(explain(args.key, {"adapter": config.method.adapter.kind, "gradient": config.method.gradient.kind}))
+    kinds = {"adapter": config.method.adapter.kind, "gradient": config.method.gradient.kind}
+    print(explain(args.key, kinds, dotted_items(config_to_dict(config))))
     return 0
 
 

@@ -265,33 +265,43 @@ def all_keys(kinds: dict[str, str]) -> dict[str, KeyDoc]:
     return keys
 
 
-def explain(key: str, kinds: dict[str, str]) -> str:
-    """The reference entry of one dotted key; `kinds` maps adapter/gradient to the kind `method.<axis>.x` means."""
+def explain(key: str, kinds: dict[str, str], values: typing.Mapping[str, Any] | None = None) -> str:
+    """The reference entry of one dotted key: `kinds` maps adapter/gradient to the kind `method.<axis>.x` means;
+    `values` (dotted key → value of a resolved config) adds the value this config gives the key."""
     keys = all_keys(kinds)
+    axis = current_kind_axis(key)
     if key not in keys:
-        owners = [name for name in keys if name.count(".") == 3 and name.rpartition(".")[2] == key.rpartition(".")[2]]
-        if key.startswith("method.") and key.count(".") == 2 and owners:
-            axis = key.split(".")[1]
-            raise ConfigError(
-                f"unknown key '{key}' for method.{axis}.kind={kinds[axis]} (did you mean '{owners[0]}'?"
-                + (f" also {', '.join(owners[1:])}" if owners[1:] else "")
-                + ")"
-            )
+        suffix = key.removeprefix(f"method.{axis}.")
+        owners = [f"method.{axis}.{kind}.{suffix}" for kind in AXES[axis]] if axis else []
+        owners = [owner for owner in owners if owner in keys]
+        if owners:
+            also = f"; also {', '.join(owners[1:])}" if owners[1:] else ""
+            hint = f" (did you mean '{owners[0]}'?{also})"
+            raise ConfigError(f"unknown key '{key}' for method.{axis}.kind={kinds[axis]}{hint}")
         hint = familiar_hint(key) or did_you_mean(key, keys)
-        raise ConfigError(f"unknown key '{key}'" + (hint or "; loralab config explain lists keys as in docs/config.md"))
+        raise ConfigError(f"unknown key '{key}'" + (hint or "; every key is in docs/config.md"))
     row = keys[key]
-    kind_note = ""
-    for axis in AXES:
-        if key.startswith(f"method.{axis}.") and key.count(".") == 2:
-            kind_note = f" (method.{axis}.kind: {kinds[axis]})"
+    plain_type = row.type.replace("\\", "")
     lines = [
-        f"{row.key}{kind_note}",
-        f"  type:    {row.type.replace(chr(92), '')}",
+        f"{row.key} (method.{axis}.kind: {kinds[axis]})" if axis else row.key,
+        f"  type:    {plain_type}",
         f"  default: {row.default}",
-        f"  allowed: {row.allowed or 'any ' + row.type.replace(chr(92), '')}",
+        f"  allowed: {row.allowed or 'any ' + plain_type}",
         f"  help:    {row.help}",
     ]
+    if values is not None and key in values and show(values[key]) != row.default:
+        lines.insert(3, f"  value:   {show(values[key])} (this config)")
     return "\n".join(lines)
+
+
+def current_kind_axis(key: str) -> str | None:
+    """`adapter` or `gradient` for a key of the chosen kind (`method.adapter.r`), else None (a core key, or a
+    key that names its kind: `method.gradient.grit.kfac_damping`)."""
+    for axis, registry in AXES.items():
+        prefix = f"method.{axis}."
+        if key.startswith(prefix) and not any(key.startswith(f"{prefix}{kind}.") for kind in registry):
+            return axis
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
