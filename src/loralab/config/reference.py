@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loralab.config.familiar import familiar_hint
-from loralab.config.load import read_packaged
+from loralab.config.load import preset_names, read_packaged, schedule_names
 from loralab.config.registry import ADAPTER_OPTIONS, GRADIENT_OPTIONS, Registry
 from loralab.config.schema import RunConfig
 from loralab.errors import ConfigError, did_you_mean
@@ -99,6 +99,10 @@ def core_keys() -> list[KeyDoc]:
     """The keys of every core section (and the top-level seeds), defaults from base.yaml."""
     base = read_packaged("base.yaml")
     rows = section_keys(RunConfig, "", base)
+    packaged = {"method.name": preset_names(), "hpo.schedule": schedule_names()}  # the names of packaged files
+    rows = [
+        dataclasses.replace(row, allowed=" · ".join(packaged[row.key])) if row.key in packaged else row for row in rows
+    ]
     return [row for row in rows if not row.key.startswith("method.") or row.key == "method.name"]
 
 
