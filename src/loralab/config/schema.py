@@ -312,8 +312,8 @@ class ShakeAlignOptions:
     correction: CorrectionOptions = option(CorrectionOptions, help="what the correction of a triggered block does")
     compat: Literal["fixed", "upstream"] = option(
         "fixed",
-        help="fixed: loralab's · upstream: the published scaffold's Σ_k v_k gradient scale, g_r tiled into g_hi, "
-        "unit-norm blend",
+        help="fixed: loralab's · upstream: the published scaffold's Σ_k v_k gradient (task head too, one backward "
+        "per window), additive 1e-8 guards, g_r tiled into g_hi, unit-norm blend (docs/methods/shake_align.md)",
     )
     debug: DebugOptions = option(DebugOptions, help="per-block diagnostics")
 
