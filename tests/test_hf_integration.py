@@ -9,16 +9,22 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import TrainingArguments
 
 from loralab.adapters.lora import peft_lora_views
+from loralab.config import load_config
 from loralab.config.schema import GritOptions
+from loralab.data.collate import collate
 from loralab.gradient.base import GradientRule, NoRule
 from loralab.gradient.grit import Grit
+from loralab.gradient.shake_align import ShakeAlign
 from loralab.integrations.hf import RULE_STATE, GradientRuleTrainer
 from loralab.models.presets import build_tiny
+from loralab.training.optim import build_optimizer, build_scheduler
+from loralab.training.recipe import prepare, run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -204,3 +210,65 @@ def test_rule_state_is_saved_with_checkpoints_and_restored_on_resume(tmp_path):
     for name, state in straight.modules.items():
         torch.testing.assert_close(resumed.modules[name].inverse_a, state.inverse_a)
         torch.testing.assert_close(resumed.modules[name].inverse_g, state.inverse_g)
+
+
+@pytest.mark.slow
+def test_shake_align_on_a_dual_rank_model_matches_loralabs_loop(tmp_path):
+    """The split travels with loralab's dual-rank model: 3 corrected steps through the HF trainer give the adapter
+    loralab's own loop gives (one batch of all 8 examples per step, one example per vote, so the order HF's sampler
+    puts the examples in changes no statistic)."""
+    steps = 3
+    config = load_config(
+        [],
+        [
+            "model.name=tiny-roberta",
+            "task.name=synthetic/entailment",
+            "task.train_samples=8",
+            "task.eval_samples=8",
+            "model.dropout=0",
+            "train.batch_size=8",
+            "train.lr=1e-2",
+            "train.warmup_ratio=0",
+            f"train.max_steps={steps}",
+            "method.name=ours",
+            "method.adapter.r=2",
+            "method.adapter.R=6",
+            "method.adapter.dropout=0",
+            "method.gradient.samples_per_vote=1",
+            "method.gradient.trigger.percentile_p=50",
+            f"io.root={tmp_path / 'runs'}",
+        ],
+    )
+    ours = run_training(config, show_progress=False)
+    expected = load_file(str(ours.directory / "adapter" / "adapter_model.safetensors"))
+
+    parts = prepare(config)
+    optimizer = build_optimizer(parts.model, config.train)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=8,
+        max_steps=steps,
+        max_grad_norm=config.train.max_grad_norm,
+        remove_unused_columns=False,
+        seed=config.seed,
+    )
+    rule = ShakeAlign(config.method.gradient)
+    trainer = GradientRuleTrainer(
+        model=parts.model,
+        args=args,
+        train_dataset=parts.features,
+        data_collator=lambda rows: collate(rows, parts.tokenizer.pad_token_id),
+        optimizers=(optimizer, build_scheduler(optimizer, config.train, steps)),
+        rule=rule,
+    )
+    assert {view.split for view in rule.views.values()} == {2}
+    trainer.train()
+    assert trainer.rule_metrics["shake/votes"] == 8 and trainer.rule_metrics["shake/trigger_rate"] > 0
+    trained = get_peft_model_state_dict(parts.model)
+    assert sorted(trained) == sorted(expected) and any("lora_A" in name for name in expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-6)

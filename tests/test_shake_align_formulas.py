@@ -184,3 +184,63 @@ def test_joint_direction_norms():
     assert float(z_hi[0] / z_r[0]) == pytest.approx(lam * 12 / 3)
     u_r, u_hi = joint_direction(g_r, g_hi, upstream=True)
     assert float(torch.cat([u_r, u_hi]).norm()) == pytest.approx(1.0, abs=1e-8)  # the scaffold's unit vector
+
+
+def scaffold_stats(votes_r: np.ndarray, votes_hi: np.ndarray) -> tuple[float, float, float]:
+    """The published scaffold's C_r, C_R, A_b written out literally: 1e-8 added to √S_i·√S_j and to ‖Σ_R‖."""
+    eps = 1e-8
+    D_r, D_hi = votes_r @ votes_r.T, votes_hi @ votes_hi.T
+    D_R = D_r + D_hi
+    S_r, S_R = np.clip(np.diag(D_r), 0, None), np.clip(np.diag(D_R), 0, None)
+    upper = np.triu(np.ones(D_r.shape, dtype=bool), k=1)
+    denom_r = np.sqrt(S_r)[:, None] * np.sqrt(S_r)[None, :] + eps
+    denom_R = np.sqrt(S_R)[:, None] * np.sqrt(S_R)[None, :] + eps
+    C_r, C_R = (D_r[upper] / denom_r[upper]).mean(), (D_R[upper] / denom_R[upper]).mean()
+    A_b = np.sqrt(D_r.sum()) / (np.sqrt(D_r.sum() + D_hi.sum()) + eps)
+    return float(C_r), float(C_R), float(A_b)
+
+
+def real_scale_votes(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Six agreeing votes (a shared direction plus noise) with norms from 3e-6 to 2e-2, as on a real model."""
+    rng = np.random.default_rng(seed)
+    shared_r, shared_hi = rng.normal(size=40), rng.normal(size=90)
+    core = shared_r + 0.5 * rng.normal(size=(6, 40))
+    extension = shared_hi + 0.8 * rng.normal(size=(6, 90))
+    norms = np.geomspace(3e-6, 2e-2, 6)[:, None]
+    scale = norms / np.linalg.norm(np.concatenate([core, extension], axis=1), axis=1, keepdims=True)
+    return core * scale, extension * scale
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_upstream_statistics_take_the_scaffold_guards(seed):
+    """compat=upstream equals the scaffold's formulas; fixed equals the unguarded cosines, and the guard matters."""
+    core, extension = real_scale_votes(seed)
+    grams = (torch.tensor(core @ core.T), torch.tensor(extension @ extension.T))
+    upstream = c2_statistics(*grams, upstream=True)
+    expected = scaffold_stats(core, extension)
+    assert (upstream.C_r, upstream.C_R, upstream.A_b) == pytest.approx(expected, rel=1e-10)
+    fixed = c2_statistics(*grams)
+    assert (fixed.C_r, fixed.C_R, fixed.A_b) == pytest.approx(hand_c2(core, extension), rel=1e-10)
+    assert fixed.C_r - upstream.C_r > 0.1  # the additive guard shrinks the cosines of small votes toward 0
+
+
+def scaffold_joint_direction(g_r: np.ndarray, g_hi: np.ndarray) -> np.ndarray:
+    """The scaffold's joint blend direction, literally: λ = (g11 − g12)/(g22 − g12 + 1e-8), z/(‖z‖ + 1e-8)."""
+    eps = 1e-8
+    z1 = np.concatenate([g_r, np.zeros_like(g_hi)])
+    z2 = np.concatenate([np.zeros_like(g_r), g_hi])
+    g11, g22, g12 = z1 @ z1, z2 @ z2, z1 @ z2
+    lam = min(max((g11 - g12) / (g22 - g12 + eps), 0.0), 1.0)
+    z = z1 + lam * z2
+    return z / (np.linalg.norm(z) + eps)
+
+
+def test_upstream_joint_direction_takes_the_scaffold_guards_on_small_gradients():
+    """Gradients of norm ~1e-5: g22 ~ 1e-10, so the 1e-8 in λ's denominator moves λ far from g11/g22."""
+    rng = np.random.default_rng(3)
+    g_r, g_hi = 2e-6 * rng.normal(size=5), 4e-6 * rng.normal(size=7)
+    z_r, z_hi = joint_direction(torch.tensor(g_r), torch.tensor(g_hi), upstream=True)
+    expected = scaffold_joint_direction(g_r, g_hi)
+    np.testing.assert_allclose(torch.cat([z_r, z_hi]).numpy(), expected, rtol=1e-10, atol=0)
+    lam_fixed, lam_upstream = (g_r @ g_r) / (g_hi @ g_hi), expected[5] / g_hi[0] / (expected[0] / g_r[0])
+    assert lam_upstream < 0.2 * min(lam_fixed, 1.0)

@@ -1,5 +1,6 @@
 """`method.adapter.kind: dual_rank_lora` — one PEFT LoRA of rank R: components 0..r-1 are the core, r..R-1
-the extension. Training needs no custom layer; the split is metadata, used by the rule, the views and export.
+the extension. Training needs no custom layer; the split is metadata, used by the rule, the views and export. The
+model carries it (`record_split`), so code that sees only the model (the HF trainer) finds it too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ from loralab.config.schema import DualRankOptions
 from loralab.errors import AdapterError
 
 VIEWS = ("full", "core")
+SPLIT_ATTRIBUTE = "loralab_dual_rank_split"
+
+
+def record_split(model: nn.Module, split: int) -> nn.Module:
+    """Mark a PEFT LoRA model of rank R as dual-rank: its rank components 0..split-1 are the core."""
+    setattr(model, SPLIT_ATTRIBUTE, split)
+    return model
+
+
+def model_lora_views(model: nn.Module) -> dict[str, LoraView]:
+    """The PEFT LoRA views of a model, with the dual-rank split the model records (None when it records none)."""
+    split = getattr(model, SPLIT_ATTRIBUTE, None)
+    return {name: dataclasses.replace(view, split=split) for name, view in peft_lora_views(model).items()}
 
 
 def dual_rank_scaling(options: DualRankOptions) -> float:
@@ -66,7 +80,10 @@ class DualRankLoraAdapter(PeftAdapter):
     def apply(self, model: nn.Module) -> nn.Module:
         model = super().apply(model)
         init_extension(peft_lora_views(model), self.options.r, self.options.hi_init_std)
-        return model
+        return record_split(model, self.options.r)
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        return record_split(super().load(model, directory), adapter_split(directory) or self.options.r)
 
     def lora_modules(self, model: nn.Module) -> dict[str, LoraView]:
         return {name: dataclasses.replace(view, split=self.options.r) for name, view in peft_lora_views(model).items()}

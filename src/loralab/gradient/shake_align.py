@@ -3,7 +3,9 @@
 Per optimizer step ("diagnosis before correction"): capture per-window votes (one backward with probes, or one
 backward per window), compute C_r, C_R, A_b per block from the buffered votes, smooth them over steps, trigger
 the worst blocks, then correct those blocks' `.grad` in place: magnitude (A), direction (B), joint blend (C).
-`compat: upstream` reproduces the published scaffold's V× gradient scale, g_r tiling and unit-norm blend.
+`compat: upstream` reproduces the published scaffold's Σ_k v_k gradient (task head included), additive 1e-8 guards,
+g_r tiling and unit-norm blend, on its route (one backward per window). The math, every default and each choice
+where the paper is silent: docs/methods/shake_align.md.
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ from loralab.errors import ConfigError
 from loralab.gradient.base import Backward, LossFn, Metrics, RuleDefaults
 from loralab.gradient.probes import Pieces, VoteProbes
 from loralab.gradient.votes import (
-    EPS,
     BlockVotes,
     C2Stats,
     c2_values,
     flatten_parts,
+    guard,
+    inverse_weights,
     loss_units,
     unflatten_parts,
     vote_matrix,
     vote_windows,
 )
 
-UPSTREAM_EPS = 1e-8  # the scaffold's additive guard in the joint blend
 AGREEMENT_SLACK = 1e-6  # Σ w_k sign(v_k) of unanimous votes is 1 up to fp32 rounding
 
 
@@ -165,13 +167,13 @@ def joint_direction(g_r: Tensor, g_hi: Tensor, upstream: bool) -> tuple[Tensor, 
     """z = z₁ + λ z₂ with z₁ = (g_r, 0), z₂ = (0, g_hi), λ = clamp((z₁·z₁ − z₁·z₂)/(z₂·z₂ − z₁·z₂), 0, 1).
 
     z₁ ⟂ z₂ (disjoint supports), so z₁·z₂ = 0. `fixed` rescales z to the norm of (g_r, g_hi); the scaffold
-    made it unit length.
+    made it unit length. Both denominators take the compat mode's guard.
     """
     # float64 0-dim tensors on the device: the same IEEE operations as on host floats, without reading them back
     g11, g22 = g_r.square().sum().double(), g_hi.square().sum().double()
-    lam = (g11 / (g22 + UPSTREAM_EPS) if upstream else g11 / g22.clamp_min(EPS)).clamp(0.0, 1.0)
+    lam = (g11 / guard(g22, upstream)).clamp(0.0, 1.0)
     z_norm = (g11 + lam * lam * g22).sqrt()
-    scale = 1.0 / (z_norm + UPSTREAM_EPS) if upstream else (g11 + g22).sqrt() / z_norm.clamp_min(EPS)
+    scale = (1.0 if upstream else (g11 + g22).sqrt()) / guard(z_norm, upstream)
     return g_r * scale.to(g_r.dtype), g_hi * (lam * scale).to(g_hi.dtype)
 
 
@@ -182,15 +184,18 @@ class ShakeAlign(RuleDefaults):
 
     def __init__(self, options: ShakeAlignOptions) -> None:
         self.o = options
+        self.upstream = options.compat == "upstream"
         self.history = StatsHistory(options.history, options.ema_H)
         self.views: dict[str, LoraView] = {}
         self.others: list[nn.Parameter] = []
         self.probes: VoteProbes | None = None
         self.windows: list[tuple[int, int]] = []
         self.buffers: dict[str, BlockVotes] = {}
+        self.units = torch.zeros(0, dtype=torch.float64)  # per window: Σ over pieces of rows × loss-unit share
+        self.other_votes: list[Tensor] = []  # upstream: per-window shares of the other trainable parameters' gradients
         self.seen = 0
         self.rows: list[dict] = []
-        self.layout: tuple[tuple[tuple[int, int], ...], Tensor, Tensor] | None = None
+        self.layout: tuple[int, Tensor] | None = None
 
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
         if not lora_modules or any(view.split is None for view in lora_modules.values()):
@@ -198,7 +203,7 @@ class ShakeAlign(RuleDefaults):
         self.views = lora_modules
         lora = {id(p) for view in lora_modules.values() for p in (view.A, view.B)}
         self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in lora]
-        if self.o.route == "vectorized":
+        if self.o.route == "vectorized" and not self.upstream:  # upstream needs each window's task-head gradient
             self.probes = VoteProbes(lora_modules)
 
     # ---- capture ---------------------------------------------------------------------------------
@@ -206,6 +211,10 @@ class ShakeAlign(RuleDefaults):
     def begin_step(self, examples: int) -> None:
         self.windows = vote_windows(examples, self.o.samples_per_vote, self.o.allow_tail)
         self.buffers = self.zeroed_buffers(len(self.windows))
+        device = next(iter(self.views.values())).A.device
+        self.units = torch.zeros(len(self.windows), dtype=torch.float64, device=device)
+        if self.upstream:
+            self.other_votes = [torch.zeros((len(self.windows), *p.shape), device=p.device) for p in self.others]
         self.seen = 0
 
     def zeroed_buffers(self, windows: int) -> dict[str, BlockVotes]:
@@ -233,6 +242,7 @@ class ShakeAlign(RuleDefaults):
 
     def compute_gradients(self, model: nn.Module, batch: dict, loss_fn: LossFn, backward: Backward) -> Tensor:
         pieces = self.pieces(batch["labels"].shape[0])
+        shares = self.loss_shares(batch, pieces)
         if self.probes is not None:
             self.probes.capture(pieces, self.buffers)
             try:
@@ -241,44 +251,62 @@ class ShakeAlign(RuleDefaults):
             finally:
                 self.probes.stop()
             return loss.detach()
-        units, total = loss_units(batch), 0.0
-        for window, start, end in pieces:
-            piece = {key: value[start:end] for key, value in batch.items()}
-            share = loss_units(piece) / units
+        total = 0.0
+        for (window, start, end), share in zip(pieces, shares, strict=True):
             if share == 0:
                 continue
-            loss = loss_fn(model, piece)
+            loss = loss_fn(model, {key: value[start:end] for key, value in batch.items()})
             backward(loss * share)
-            self.take_lora_gradients(window)
+            self.take_window_gradients(window)
             total = total + share * loss.detach()
         return torch.as_tensor(total)
 
+    def loss_shares(self, batch: dict, pieces: Pieces) -> list[float | Tensor]:
+        """Each piece's share of the micro-batch's loss (of its examples, or of its predicted tokens for a causal LM),
+        and add rows × share to the piece's window in `units`: normalised over the step, that is the window's weight
+        w_k, its share of the batch loss (micro-batches are weighted by their rows, in the loop and in the HF trainer).
+        """
+        units = loss_units(batch)
+        units = units.clamp_min(1) if isinstance(units, Tensor) else max(units, 1)  # no units: zero shares, no NaN
+        shares = [loss_units({"labels": batch["labels"][start:end]}) / units for _, start, end in pieces]
+        for (window, _, _), share in zip(pieces, shares, strict=True):
+            self.units[window] += batch["labels"].shape[0] * share
+        return shares
+
     @torch.no_grad()
-    def take_lora_gradients(self, window: int) -> None:
-        """Move one window's LoRA gradients out of `.grad` into its vote buffer (the scaffold's safe route)."""
+    def take_window_gradients(self, window: int) -> None:
+        """Move one window's LoRA gradients out of `.grad` into its vote buffer (the scaffold's safe route); upstream,
+        the other trainable parameters' gradients too, since the scaffold's task head gets Σ_k of window means."""
         for name, view in self.views.items():
             for param, target in ((view.A, self.buffers[name].A), (view.B, self.buffers[name].B)):
                 if param.grad is not None:
                     target[window].add_(param.grad.float())
                     param.grad = None
+        for param, target in zip(self.others, self.other_votes, strict=False):
+            if param.grad is not None:
+                target[window].add_(param.grad.float())
+                param.grad = None
 
     # ---- diagnosis, then correction ----------------------------------------------------------------
 
-    def window_weights(self) -> tuple[Tensor, Tensor]:
-        """The windows' weights w_k and the vote matrix, on the buffers' device; built once per window layout (a
-        host-to-device copy every step would wait for the device)."""
-        key = tuple(self.windows)
-        if self.layout is None or self.layout[0] != key:
-            examples, o, device = self.windows[-1][1], self.o, next(iter(self.buffers.values())).A.device
-            weights = torch.tensor([(end - start) / examples for start, end in self.windows], dtype=torch.float64)
+    def window_weights(self) -> Tensor:
+        """w_k: each window's share of the step's loss, on the device (float64, Σ_k w_k = 1)."""
+        return self.units / self.units.sum()
+
+    def vote_rows(self) -> Tensor:
+        """The vote matrix, on the buffers' device; built once per window count (a host-to-device copy every step
+        would wait for the device)."""
+        if self.layout is None or self.layout[0] != len(self.windows):
+            o = self.o
             votes = vote_matrix(len(self.windows), o.keep_single_votes, o.combine_votes, o.combine_size, o.combine_max)
-            self.layout = (key, weights.to(device), votes.to(device))
-        return self.layout[1], self.layout[2]
+            self.layout = (len(self.windows), votes.to(self.units.device))
+        return self.layout[1]
 
     @torch.no_grad()
     def before_step(self, step: int) -> Metrics:
-        collectives.all_mean_([t for block in self.buffers.values() for t in (block.A, block.B)])  # global votes
-        weights, votes = self.window_weights()
+        shared = [t for block in self.buffers.values() for t in (block.A, block.B)] + [self.units, *self.other_votes]
+        collectives.all_mean_(shared)  # global votes
+        weights, votes = self.window_weights(), self.vote_rows()
         o = self.o
         parts = {name: block.parts(weights) for name, block in self.buffers.items()}
         self.set_batch_gradients(weights)
@@ -286,7 +314,10 @@ class ShakeAlign(RuleDefaults):
             return {"shake/skipped": 1.0, "shake/votes": float(votes.shape[0])}
 
         values = torch.stack(
-            [c2_values(*(votes @ (m @ m.T).double() @ votes.T for m in part)) for part in parts.values()]
+            [
+                c2_values(*(votes @ (m @ m.T).double() @ votes.T for m in part), upstream=self.upstream)
+                for part in parts.values()
+            ]
         ).tolist()  # the step's statistics of every block in one host read: the trigger and the gates need them
         fresh = {name: C2Stats(*row) for name, row in zip(parts, values, strict=True)}
         smoothed = {name: self.history.update(name, stats) for name, stats in fresh.items()}
@@ -306,7 +337,7 @@ class ShakeAlign(RuleDefaults):
         self, core: Tensor, extension: Tensor, weights: Tensor, votes: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """ḡ_r = Σ_k w_k v_{k,r}; c_hi = Σ_k w_k v_{k,hi} where the votes agree in sign (upstream: Σ rows, tiling)."""
-        if self.o.compat == "upstream":
+        if self.upstream:
             return votes.sum(0).to(core) @ core, None
         w = weights.to(core)
         agreement = (w @ extension.sign()).abs() >= self.o.agree_tau - AGREEMENT_SLACK
@@ -315,27 +346,21 @@ class ShakeAlign(RuleDefaults):
     def correct_block(self, view: LoraView, c: Coefficients, consensus_r: Tensor, consensus_hi: Tensor | None) -> None:
         """Rewrite one block's A and B gradients with the corrected (g_r, g_hi)."""
         g_r, g_hi = flatten_parts(view.A.grad.float(), view.B.grad.float(), view.split)
-        upstream = self.o.compat == "upstream"
-        g_r, g_hi = correct(g_r, g_hi, c, consensus_r, consensus_hi, self.o.correction.mode, upstream)
+        g_r, g_hi = correct(g_r, g_hi, c, consensus_r, consensus_hi, self.o.correction.mode, self.upstream)
         unflatten_parts(g_r, g_hi, view.A.grad, view.B.grad, view.split)
 
     def set_batch_gradients(self, weights: Tensor) -> None:
-        """`.grad` before correction: Σ_k w_k v_k (already there on the vectorized route), or the scaffold's Σ_k v_k.
-
-        Upstream scales the other trainable parameters (the task head) by V, exact for equal windows.
-        """
-        upstream = self.o.compat == "upstream"
-        if self.probes is not None and not upstream:
+        """`.grad` before correction: Σ_k w_k v_k (already there on the vectorized route), or the scaffold's Σ_k v_k,
+        for the other trainable parameters (the task head) as well."""
+        if self.probes is not None:
             return
-        for name, block in self.buffers.items():
-            view = self.views[name]
-            for param, shares in ((view.A, block.A), (view.B, block.B)):
-                total = (shares / weights.to(shares).view(-1, 1, 1)).sum(0) if upstream else shares.sum(0)
-                param.grad = total.to(param.dtype)
-        if upstream:
-            for param in self.others:
-                if param.grad is not None:
-                    param.grad.mul_(len(self.windows))
+        inverse = inverse_weights(weights)
+        blocks = [(view.A, self.buffers[name].A) for name, view in self.views.items()]
+        blocks += [(view.B, self.buffers[name].B) for name, view in self.views.items()]
+        for param, shares in blocks + list(zip(self.others, self.other_votes, strict=False)):
+            if self.upstream:
+                shares = shares * inverse.to(shares).view(-1, *[1] * (shares.dim() - 1))
+            param.grad = shares.sum(0).to(param.dtype)
 
     def diagnostics(self) -> list[dict]:
         rows, self.rows = self.rows, []

@@ -1,8 +1,9 @@
 """Votes: windows of an optimizer batch, per-window gradient buffers, combined votes and the C2 statistics.
 
-A vote v_k is the gradient of the mean loss over window k; w_k = |k|/N, so Σ_k w_k v_k is the batch gradient.
-Buffers hold each window's *share* c_k = w_k v_k of the batch gradient (what a hook or a backward yields);
-statistics use v_k = c_k / w_k. Everything the statistics need is in the vote Gram matrices.
+A vote v_k is the gradient of the mean loss over window k; w_k is window k's share of the batch loss (its share of
+the examples, or of the predicted tokens for a causal LM), so Σ_k w_k v_k is the batch gradient. Buffers hold each
+window's *share* c_k = w_k v_k of the batch gradient (what a hook or a backward yields); statistics use
+v_k = c_k / w_k. Everything the statistics need is in the vote Gram matrices (docs/methods/shake_align.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import torch
 from torch import Tensor
 
 EPS = 1e-12  # guards only true zeros: a small gradient must not look like disagreement
+UPSTREAM_EPS = 1e-8  # the published scaffold's additive guard (`compat: upstream`)
+
+
+def guard(denominator: Tensor, upstream: bool = False) -> Tensor:
+    """max(d, 1e-12), which changes only true zeros, or the scaffold's d + 1e-8 (docs/methods/shake_align.md)."""
+    return denominator + UPSTREAM_EPS if upstream else denominator.clamp_min(EPS)
 
 
 def vote_windows(examples: int, samples_per_vote: int, allow_tail: bool) -> list[tuple[int, int]]:
@@ -36,12 +43,13 @@ def vote_matrix(singles: int, keep_single: bool, combine: bool, size: int, limit
     return matrix
 
 
-def loss_units(batch: dict) -> int:
-    """What the task loss averages over: examples (classification) or predicted tokens (causal LM)."""
+def loss_units(batch: dict) -> int | Tensor:
+    """What the task loss averages over: examples (classification, a host int) or predicted tokens (causal LM, a
+    0-dim tensor on the labels' device, so that counting does not wait for the device)."""
     labels = batch["labels"]
     if labels.dim() == 1:
         return labels.shape[0]
-    return int((labels[:, 1:] != -100).sum())
+    return (labels[:, 1:] != -100).sum()
 
 
 @dataclass
@@ -61,12 +69,18 @@ class BlockVotes:
         )
 
     def parts(self, weights: Tensor) -> tuple[Tensor, Tensor]:
-        """Single votes v_k = c_k / w_k as rows, split into the core and the extension parameters."""
+        """Single votes v_k = c_k / w_k as rows, split into the core and the extension parameters (a window without
+        loss units, w_k = 0, gives a zero vote)."""
         r, count = self.split, self.A.shape[0]
-        scale = (1.0 / weights).to(self.A).view(-1, 1)
+        scale = inverse_weights(weights).to(self.A).view(-1, 1)
         core = torch.cat([self.A[:, :r].reshape(count, -1), self.B[:, :, :r].reshape(count, -1)], dim=1)
         extension = torch.cat([self.A[:, r:].reshape(count, -1), self.B[:, :, r:].reshape(count, -1)], dim=1)
         return core * scale, extension * scale
+
+
+def inverse_weights(weights: Tensor) -> Tensor:
+    """1 / w_k, and 0 where w_k = 0 (a window with no predicted token has no vote)."""
+    return torch.where(weights > 0, 1.0 / weights.clamp_min(torch.finfo(weights.dtype).tiny), 0.0)
 
 
 def flatten_parts(A: Tensor, B: Tensor, split: int) -> tuple[Tensor, Tensor]:
@@ -97,23 +111,24 @@ class C2Stats:
         return 1.0 - self.A_b if name == "misalign" else getattr(self, name)
 
 
-def mean_pairwise_cosine(gram: Tensor) -> Tensor:
-    """Mean over pairs i<j of gram[i,j] / max(√(gram[i,i]·gram[j,j]), ε), as a 0-dim tensor on gram's device."""
+def mean_pairwise_cosine(gram: Tensor, upstream: bool = False) -> Tensor:
+    """Mean over pairs i<j of gram[i,j] / guard(√(gram[i,i]·gram[j,j])), as a 0-dim tensor on gram's device."""
     norms = gram.diagonal().clamp_min(0).sqrt()
     i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1, device=gram.device)
-    return (gram[i, j] / (norms[i] * norms[j]).clamp_min(EPS)).mean()
+    return (gram[i, j] / guard(norms[i] * norms[j], upstream)).mean()
 
 
-def c2_values(gram_core: Tensor, gram_extension: Tensor) -> Tensor:
+def c2_values(gram_core: Tensor, gram_extension: Tensor, upstream: bool = False) -> Tensor:
     """C_r, C_R and A_b (a 3-vector on the device, no host read) from the Gram matrices of the core and extension
-    parts of the votes (V ≥ 2)."""
+    parts of the votes (V ≥ 2); `upstream` takes the scaffold's additive guards."""
     gram_full = gram_core + gram_extension
     consensus_core = gram_core.sum().clamp_min(0).sqrt()
     consensus_full = gram_full.sum().clamp_min(0).sqrt()
-    A_b = consensus_core / consensus_full.clamp_min(EPS)
-    return torch.stack([mean_pairwise_cosine(gram_core), mean_pairwise_cosine(gram_full), A_b])
+    A_b = consensus_core / guard(consensus_full, upstream)
+    cosines = [mean_pairwise_cosine(gram_core, upstream), mean_pairwise_cosine(gram_full, upstream)]
+    return torch.stack([*cosines, A_b])
 
 
-def c2_statistics(gram_core: Tensor, gram_extension: Tensor) -> C2Stats:
+def c2_statistics(gram_core: Tensor, gram_extension: Tensor, upstream: bool = False) -> C2Stats:
     """`c2_values` on the host."""
-    return C2Stats(*c2_values(gram_core, gram_extension).tolist())
+    return C2Stats(*c2_values(gram_core, gram_extension, upstream).tolist())

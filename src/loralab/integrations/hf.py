@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from loralab.adapters.lora import peft_lora_views
+from loralab.adapters.dual_rank import model_lora_views
 from loralab.gradient.base import GradientRule, host_metrics
 
 RULE_STATE = "loralab_rule.pt"
@@ -30,6 +30,9 @@ def batch_rows(batch: dict) -> int:
 class GradientRuleTrainer(Trainer):
     """A Trainer (same arguments, plus `rule=`) whose backward passes and gradient edits go through `rule`.
 
+    Shake-to-Align needs the dual-rank split: a model from loralab's dual-rank adapter carries it; mark any other
+    PEFT LoRA of rank R with `loralab.adapters.dual_rank.record_split(model, r)`.
+
     Each micro-batch's mean loss is weighted by its share of the step's examples (1/gradient_accumulation_steps
     when micro-batches are equal), as in loralab's loop; HF's `num_items_in_batch` token normalization is not used.
     """
@@ -41,7 +44,7 @@ class GradientRuleTrainer(Trainer):
         self.pending_examples = self.step_examples = 0  # pending: counted for a step whose first batch is ahead
         self.step_loss = torch.zeros(())
         self.resume_dir: str | None = None
-        rule.attach(self.model, peft_lora_views(self.model))  # after super(): the model sits on its device now
+        rule.attach(self.model, model_lora_views(self.model))  # after super(): the model sits on its device now
         self.add_callback(RuleCallback(self))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
