@@ -25,7 +25,7 @@ from torch import nn
 
 from loralab.config.schema import TrainConfig
 from loralab.gradient.base import GradientRule
-from loralab.training.loop import BatchOrder, TrainState, prepare_for_loop, train
+from loralab.training.loop import BatchOrder, TrainState, optimizer_steps, prepare_for_loop
 from loralab.training.optim import build_optimizer, build_scheduler
 
 Run = Callable[[int], list[float]]
@@ -42,46 +42,30 @@ def synthetic_features(count: int, length: int, vocab: int, num_labels: int | No
     return [{"input_ids": row, "attention_mask": [1] * length, "labels": y} for row, y in zip(ids, labels, strict=True)]
 
 
-class StepTimes:
-    """LoopEvents that record the wall time between consecutive steps: everything the loop does counts."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.last = time.perf_counter()
-
-    def start(self) -> None:
-        self.times, self.last = [], time.perf_counter()
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
-
-
 def loop_side(
     model: nn.Module, rule: GradientRule, cfg: TrainConfig, features: list[dict], pad_id: int, cpu: bool = False
 ) -> Run:
-    """loralab's own loop (`training.loop.train`) on `model` with `rule`, advanced `steps` at a time (on the
-    CPU even where there is a GPU when `cpu`)."""
+    """loralab's own loop (`training.loop.optimizer_steps`, each step's train metrics read as the recipe logs them)
+    on `model` with `rule`, advanced `steps` at a time (on the CPU even where there is a GPU when `cpu`); the wall
+    time between consecutive steps: everything the loop does counts."""
     accelerator = Accelerator(mixed_precision="no", cpu=cpu)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = prepare_for_loop(accelerator, model, optimizer)
     rule.bind_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, cfg, 10**6)
     order = BatchOrder(len(features), cfg.batch_size, 0)
-    state, events = TrainState(), StepTimes()
+    state = TrainState()
 
     def run(steps: int) -> list[float]:
-        nonlocal state
-        events.start()
-        budget = dataclasses.replace(cfg, max_steps=state.step + steps)
-        state = train(
-            model, features, rule, budget, accelerator, optimizer, scheduler, state, order, pad_id, events, log_every=1
-        )
-        return list(events.times)
+        times, last = [], time.perf_counter()
+        for step in optimizer_steps(
+            model, features, rule, cfg, accelerator, optimizer, scheduler, state, order, pad_id, state.step + steps
+        ):
+            step.train_metrics(scheduler.get_last_lr()[0], state.epoch)
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        return times
 
     return run
 

@@ -276,28 +276,18 @@ def measure(build_and_run: Callable[[], tuple[float, int, int, int]], device: st
     return Measured(seconds, tokens, steps, peak, adapter)
 
 
-class Quiet:
-    """LoopEvents that do nothing."""
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_step(self, state, epoch_ended: bool, last: bool) -> None:
-        return None
-
-
 def loralab_run(
     args: argparse.Namespace, overrides: list[str], features: list[dict], batch: int, warmup: int
 ) -> tuple[float, int, int, int]:
-    """loralab's loop (`training.loop.train`) with the config's adapter and rule on a fresh base: `warmup` steps, then
-    `args.steps` timed ones; (seconds, real tokens, steps, adapter parameters)."""
+    """loralab's loop (`training.loop.optimizer_steps`) with the config's adapter and rule on a fresh base: `warmup`
+    steps, then `args.steps` timed ones; (seconds, real tokens, steps, adapter parameters)."""
     from accelerate import Accelerator
 
     from gpu import build_base
     from loralab.adapters import build_adapter
     from loralab.config import load_config
     from loralab.gradient import build_rule
-    from loralab.training.loop import BatchOrder, TrainState, prepare_for_loop, train
+    from loralab.training.loop import BatchOrder, TrainState, optimizer_steps, prepare_for_loop
     from loralab.training.optim import build_optimizer, build_scheduler
 
     config = load_config([], [*overrides, f"train.batch_size={batch}", "train.warmup_ratio=0"])
@@ -314,9 +304,12 @@ def loralab_run(
     order, state = BatchOrder(len(features), batch, 0), TrainState()
 
     def advance(steps: int) -> None:
-        nonlocal state
-        budget = dataclasses.replace(config.train, max_steps=state.step + steps)
-        state = train(model, features, rule, budget, accelerator, optimizer, scheduler, state, order, 0, Quiet(), 10**9)
+        end = state.step + steps
+        for step in optimizer_steps(
+            model, features, rule, config.train, accelerator, optimizer, scheduler, state, order, 0, end
+        ):
+            if state.step == end:  # the recipe logs a run's last step
+                step.train_metrics(scheduler.get_last_lr()[0], state.epoch)
 
     advance(warmup)
     synchronize(args.device)
@@ -485,15 +478,12 @@ SYNC_WARMUP, SYNC_STEPS = 2, 10
 
 
 class SyncSteps:
-    """LoopEvents that cut the recorded sync warnings into steps: per step, the count by where they came from."""
+    """The recorded sync warnings cut into steps: per step, the count by where they came from."""
 
     def __init__(self, caught: list) -> None:
         self.caught, self.seen, self.steps = caught, 0, []
 
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_step(self, state, epoch_ended: bool, last: bool) -> None:
+    def after_step(self) -> None:
         fresh, self.seen = self.caught[self.seen :], len(self.caught)
         self.steps.append(Counter(source(w.filename) for w in fresh if "synchroniz" in str(w.message)))
 
@@ -510,9 +500,9 @@ def run_syncs(args: argparse.Namespace) -> None:
     import torch
 
     from loralab.config import load_config
-    from loralab.training.loop import BatchOrder, TrainState, prepare_for_loop, train
+    from loralab.training.loop import BatchOrder, TrainState, new_accelerator, optimizer_steps, prepare_for_loop
     from loralab.training.optim import build_optimizer, build_scheduler
-    from loralab.training.recipe import new_accelerator, prepare
+    from loralab.training.recipe import prepare
 
     results = {}
     for method, overrides in SYNC_METHODS.items():
@@ -529,22 +519,14 @@ def run_syncs(args: argparse.Namespace) -> None:
             for steps, mode in ((SYNC_WARMUP, 0), (SYNC_WARMUP + SYNC_STEPS, "warn")):
                 if args.device == "cuda":
                     torch.cuda.set_sync_debug_mode(mode)
-                budget = dataclasses.replace(config.train, max_steps=steps)
                 pad = parts.tokenizer.pad_token_id
-                state = train(
-                    model,
-                    parts.features,
-                    parts.rule,
-                    budget,
-                    accelerator,
-                    optimizer,
-                    scheduler,
-                    state,
-                    order,
-                    pad,
-                    events,
-                    10**9,
-                )
+                for step in optimizer_steps(
+                    model, parts.features, parts.rule, config.train, accelerator, optimizer, scheduler, state, order,
+                    pad, steps,
+                ):  # fmt: skip
+                    if state.step == steps:  # the recipe logs a run's last step
+                        step.train_metrics(scheduler.get_last_lr()[0], state.epoch)
+                    events.after_step()
             if args.device == "cuda":
                 torch.cuda.set_sync_debug_mode(0)
         counted = events.steps[SYNC_WARMUP:]

@@ -6,7 +6,7 @@ random ids, the first 40 % of each a prompt without loss. The model: the tiny Ll
 (loralab's own adapter on the loralab sides, PEFT's on the others), AdamW, a linear schedule over 10⁶ steps,
 clipping at 1.0, `--batch` examples (padded, grouped) or packed rows of at most `--max-length` tokens per step.
 
-- loralab padded: `training.loop.train` on the examples in seeded random batches, right-padded (`BatchOrder`);
+- loralab padded: `training.loop.optimizer_steps` on the examples in seeded random batches, right-padded (`BatchOrder`);
 - loralab grouped: the same with `LengthGroupedOrder` (batches of similar length, HF's LengthGroupedSampler);
 - loralab packed: the same loop on `data.packing.pack` rows (best fit decreasing; block-diagonal attention from
   `position_ids`);
@@ -27,7 +27,6 @@ run in a thread paused between blocks (`train_step.Blocks`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from collections import deque
@@ -39,14 +38,14 @@ import torch
 from accelerate import Accelerator
 from transformers import Trainer, TrainingArguments
 
-from common import Run, StepTimes, Target, add_output_arguments, alternate, comparison, finish
+from common import Run, Target, add_output_arguments, alternate, comparison, finish
 from loralab.adapters import build_adapter
 from loralab.config import RunConfig, load_config
 from loralab.data.collate import IGNORE_INDEX, collate
 from loralab.data.packing import pack
 from loralab.gradient import NoRule
 from loralab.models import load_model
-from loralab.training.loop import BatchOrder, LengthGroupedOrder, TrainState, prepare_for_loop, train
+from loralab.training.loop import BatchOrder, LengthGroupedOrder, TrainState, optimizer_steps, prepare_for_loop
 from loralab.training.optim import build_optimizer, build_scheduler
 from train_step import SCHEDULE_STEPS, TRAINER_ARGUMENTS, Blocks, device, peft_model
 
@@ -80,23 +79,24 @@ def fill(rows: list[dict], max_length: int) -> float:
 
 
 def loralab_side(config: RunConfig, features: list[dict], order: BatchOrder | LengthGroupedOrder, pad_id: int) -> Run:
-    """loralab's loop (`training.loop.train`, no gradient rule) on `features` in `order`; per block, seconds per
-    real token as the loop counts them."""
+    """loralab's loop (`training.loop.optimizer_steps`, no gradient rule) on `features` in `order`; per block,
+    seconds per real token as the loop counts them."""
     model, _ = load_model(config.model, "causal_lm")
     model = build_adapter(config.method.adapter, "causal_lm").apply(model)
     accelerator = Accelerator(mixed_precision="no")
     optimizer = build_optimizer(model, config.train)
     model, optimizer = prepare_for_loop(accelerator, model, optimizer)
     scheduler = build_scheduler(optimizer, config.train, SCHEDULE_STEPS)
-    state, rule, events = TrainState(), NoRule(), StepTimes()
+    state, rule = TrainState(), NoRule()
 
     def run(steps: int) -> list[float]:
-        nonlocal state
         started, tokens = time.perf_counter(), state.tokens
-        budget = dataclasses.replace(config.train, max_steps=state.step + steps)
-        state = train(
-            model, features, rule, budget, accelerator, optimizer, scheduler, state, order, pad_id, events, steps
-        )
+        for step in optimizer_steps(
+            model, features, rule, config.train, accelerator, optimizer, scheduler, state, order, pad_id,
+            state.step + steps,
+        ):  # fmt: skip
+            if state.step % steps == 0:  # the block's last step logs, as the loop's `log_every=steps` did
+                step.train_metrics(scheduler.get_last_lr()[0], state.epoch)
         return [(time.perf_counter() - started) / (state.tokens - tokens)]
 
     return run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import shutil
@@ -18,30 +17,14 @@ from torch import nn
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, OPTConfig, OPTForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from conftest import batch_for, build, logits, one_line, perturb
 from loralab.adapters import build_adapter, load_adapter
-from loralab.config.schema import BitfitOptions, FullOptions, LoraOptions, ModelConfig, PeftOptions
+from loralab.config.schema import BitfitOptions, FullOptions, LoraOptions, PeftOptions
 from loralab.errors import AdapterError, ConfigError
-from loralab.models import load_model
 
-BASE = ModelConfig("tiny-llama", "auto", "float32", "none", False, False, None)
 FAMILY = {"tiny-llama": "llama", "tiny-bert": "bert", "tiny-gpt2": "gpt2", "tiny-roberta": "roberta"}
 PREFIX = "base_model.model."
 HEAD_MODULES = ("lm_head", "classifier", "score")
-
-
-def build(name, head="causal_lm"):
-    """A fresh tiny preset (bit-identical in every call) and its tokenizer."""
-    return load_model(dataclasses.replace(BASE, name=name), head, 2 if head == "seq_cls" else None)
-
-
-def batch_for(tokenizer):
-    return tokenizer(["a first sentence", "and a second, longer one"], return_tensors="pt", padding=True)
-
-
-def logits(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def lora_targets(model):
@@ -51,21 +34,6 @@ def lora_targets(model):
 
 def modules_named(model, predicate):
     return {name for name, _ in model.named_modules() if name and predicate(name)}
-
-
-def perturb(model, select, seed=0, scale=0.1):
-    """Overwrite the selected parameters with seeded noise so that a saved adapter is non-trivial."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if select(name):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
-def one_line(error):
-    message = str(error.value)
-    assert message and "\n" not in message
-    return message
 
 
 def tiny_distilbert():

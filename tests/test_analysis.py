@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from conftest import batch_for, build, logits, perturb, tiny
 from loralab.adapters import build_adapter, load_adapter, load_peft_adapter
 from loralab.adapters.lora import peft_lora_views
 from loralab.adapters.params import (
@@ -27,8 +28,6 @@ from loralab.analysis.source import resolve_source
 from loralab.analysis.spectra import entropy_effective_rank, lora_statistics
 from loralab.cli import main
 from loralab.config.schema import BitfitOptions, HoulsbyOptions, LoraOptions
-from test_adapters import batch_for, build, logits, perturb
-from test_training import tiny
 
 TOL = 1e-5
 SETUPS = {  # name: (preset, head, LoRA targets with distinct shapes, PEFT task type's Auto class)

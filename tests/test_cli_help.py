@@ -8,8 +8,8 @@ import re
 
 import pytest
 
+from conftest import subcommands
 from loralab.cli import build_parser
-from test_cli_start import subcommands
 
 PARSER = build_parser()
 

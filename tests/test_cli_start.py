@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
+from conftest import subcommands, write_run
 from loralab.cli import build_parser
-from test_report import write_run
 
 HEAVY = ("torch", "transformers", "peft", "datasets")
 PROBE = f"""
@@ -23,14 +22,6 @@ except SystemExit as exit:
     code = exit.code
 print(json.dumps({{"code": code, "heavy": [name for name in {HEAVY!r} if name in sys.modules]}}), file=sys.stderr)
 """
-
-
-def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every verb path of the CLI (`("train",)`, `("config", "show")`, ...), leaves only."""
-    actions = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-    if not actions:
-        return [path]
-    return [leaf for name, sub in actions[0].choices.items() for leaf in subcommands(sub, (*path, name))]
 
 
 def probe(argv: list[str], cwd) -> dict:

@@ -12,8 +12,7 @@ import sys
 import pytest
 from datasets import Dataset
 
-from loralab.config.load import load_task_config
-from loralab.config.schema import TaskConfig
+from conftest import task
 from loralab.data import get_task, load_task, task_names
 from loralab.data.synthetic import CITIES, NAMES, NEGATIVE, POSITIVE, THINGS, generate
 from loralab.data.tasks import holdout_size
@@ -42,12 +41,6 @@ KEY = {  # the columns whose text decides a row's split
     "text/synthetic": ("text",),
 }
 QUESTION_TYPES = ("Who ", "Where ", "How many ", "What colour ", "What did ")
-
-
-def task(name: str, path=None, train: int | None = None, evaluation: int | None = None, **keys) -> TaskConfig:
-    """A task section as a config file would resolve it (the built-in's definition under these keys)."""
-    source = {} if path is None else {"path": str(path)}
-    return load_task_config(name=name, max_length=128, train_samples=train, eval_samples=evaluation, **source, **keys)
 
 
 def write_jsonl(path, rows: list[dict]) -> None:

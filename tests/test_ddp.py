@@ -8,86 +8,23 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from conftest import PARALLEL_METHODS as METHODS
+from conftest import PARALLEL_TINY as TINY
+from conftest import logged_losses as losses
+from conftest import max_difference, run_of
+from conftest import parallel_overrides as overrides
+from conftest import saved_adapter as adapter
+from conftest import train_in as train
 from loralab.cli import main
-from loralab.config.load import load_config, run_files
+from loralab.config.load import load_config
 from loralab.errors import ConfigError
 from loralab.tracking import read_metrics
 from loralab.training.loop import micro_batches, smallest_part
-from loralab.training.rundir import run_dir_for
 
 pytestmark = pytest.mark.slow
-
-TINY = (
-    "model.name=tiny-bert",
-    "model.dropout=0",
-    "task.train_samples=32",
-    "task.eval_samples=16",
-    "train.batch_size=8",
-    "train.max_steps=6",
-    "train.lr=1e-2",
-    "train.warmup_ratio=0",
-    "log.every=1",
-    "method.adapter.dropout=0",
-)
-METHODS = {
-    "baseline": ("method.name=baseline",),
-    "baseline_accum": ("method.name=baseline", "train.grad_accum=2"),
-    # windows of 3 over 8 rows: the window [3, 6) has rows on both processes
-    "ours": ("method.name=ours", "method.adapter.r=2", "method.adapter.R=6", "method.gradient.samples_per_vote=3"),
-    "ours_microbatch": (
-        "method.name=ours",
-        "method.adapter.r=2",
-        "method.adapter.R=6",
-        "method.gradient.samples_per_vote=3",
-        "method.gradient.route=microbatch",
-    ),
-    # kfac_damping at the top of GRIT's adaptive range: with 1e-3, (Σ + λI)⁻¹ magnifies float32 rounding (the
-    # order of the sums differs between one and two processes) to ~5e-5 in the adapter; with 1e-2 it stays < 1e-5
-    "grit": (
-        "method.name=grit",
-        "method.gradient.kfac_damping=1e-2",
-        "method.adapter.r=4",
-        "method.gradient.cov_update_freq=1",
-        "method.gradient.kfac_update_freq=2",
-        "method.gradient.kfac_min_samples=8",
-        "method.gradient.reprojection_freq=4",
-    ),
-}
-
-
-def overrides(root, method: str, *extra: str) -> list[str]:
-    return [f"io.root={root}", *TINY, *METHODS[method], *extra]
-
-
-def train(procs: int, arguments: list[str]) -> int:
-    sets = [token for value in arguments for token in ("--set", value)]
-    if procs == 1:
-        return main(["train", *sets])
-    return main(["launch", "local", "--procs", str(procs), "--", "train", *sets])
-
-
-def run_of(arguments: list[str]) -> Path:
-    """The run directory `loralab train` trains into: no --config, so the quickstart with these overrides on top."""
-    return run_dir_for(load_config(run_files([]), arguments))
-
-
-def adapter(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
-    assert first.keys() == second.keys()
-    return max(float((first[k] - second[k]).abs().max()) for k in first)
-
-
-def losses(run_dir) -> list[tuple[int, float]]:
-    return [(r["step"], r["value"]) for r in read_metrics(run_dir / "metrics.csv") if r["metric"] == "loss"]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -21,6 +21,13 @@ import torch.multiprocessing as mp
 from peft import PeftModel, get_peft_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from conftest import PARALLEL_METHODS as DDP_METHODS
+from conftest import PARALLEL_TINY as TINY
+from conftest import logged_losses as losses
+from conftest import max_difference, run_of
+from conftest import parallel_overrides as overrides
+from conftest import saved_adapter as adapter
+from conftest import train_in as train
 from loralab.adapters import build_adapter
 from loralab.cli import main
 from loralab.config.load import load_config
@@ -28,8 +35,6 @@ from loralab.models import load_model
 from loralab.seeding import seed_everything
 from loralab.tracking import read_metrics
 from loralab.training.sharding import ShardingPlan, read_plan, shard_frozen_base
-from test_ddp import METHODS as DDP_METHODS
-from test_ddp import TINY, adapter, losses, max_difference, overrides, run_of, train
 
 pytestmark = pytest.mark.slow
 

@@ -30,9 +30,9 @@ from loralab.evaluation.generate import HfGenerator, VllmGenerator
 from loralab.models import load_model
 from loralab.models.presets import tiny_config, tiny_tokenizer
 from loralab.tracking import read_metrics
-from loralab.training.loop import BatchOrder, TrainState, prepare_for_loop, train
+from loralab.training.loop import BatchOrder, TrainState, new_accelerator, optimizer_steps, prepare_for_loop
 from loralab.training.optim import build_optimizer, build_scheduler
-from loralab.training.recipe import RunParts, new_accelerator, prepare, run_training
+from loralab.training.recipe import RunParts, prepare, run_training
 from loralab.training.rundir import read_status
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -105,20 +105,6 @@ def test_bf16_mixed_precision_follows_the_fp32_loss_curve_and_keeps_the_adapter_
     assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
 
 
-class LossLog:
-    """LoopEvents that keep the training loss of every step."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        if split == "train" and "loss" in metrics:
-            self.losses.append(metrics["loss"])
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
-        return None
-
-
 def train_in_place(parts: RunParts, config: RunConfig) -> list[float]:
     """Train prepared parts with loralab's loop for `train.max_steps`, as a run does, keeping the model in memory;
     returns the losses."""
@@ -127,9 +113,8 @@ def train_in_place(parts: RunParts, config: RunConfig) -> list[float]:
     parts.rule.bind_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, config.train, config.train.max_steps)
     order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
-    events = LossLog()
-    pad = parts.tokenizer.pad_token_id
-    train(
+    pad, steps = parts.tokenizer.pad_token_id, config.train.max_steps
+    batches = optimizer_steps(
         model,
         parts.features,
         parts.rule,
@@ -140,10 +125,9 @@ def train_in_place(parts: RunParts, config: RunConfig) -> list[float]:
         TrainState(),
         order,
         pad,
-        events,
-        1,
+        steps,
     )
-    return events.losses
+    return [step.loss for step in batches if step.finite]
 
 
 @pytest.mark.gpu

@@ -15,6 +15,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from conftest import QUIET, assert_close_scaled, grit_parts, train_parts
+from conftest import grit_config as config_for
 from loralab.adapters.compress import PROJECTORS, compress_adapter, peft_module_name
 from loralab.config import load_config
 from loralab.config.load import packaged_experiment
@@ -26,40 +28,10 @@ from loralab.lowrank import energy_rank, thin_svd
 from loralab.models import load_model
 from loralab.training.checkpoint import list_checkpoints
 from loralab.training.recipe import prepare, run_training
-from test_shake_align import train_parts
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
-BASE = [
-    "model.name=tiny-roberta",
-    "task.name=synthetic/entailment",
-    "task.train_samples=64",
-    "task.eval_samples=16",
-    "model.dropout=0",
-    "train.batch_size=8",
-    "train.lr=1e-2",
-    "train.warmup_ratio=0",
-    "log.every=1",
-    "method.name=grit",
-    "method.adapter.r=8",
-    "method.adapter.dropout=0",
-]
-QUIET = ["method.gradient.lambda_kfac=0", "method.gradient.lambda_reproj=0", "method.gradient.adaptive=false"]
 NEVER = ["method.gradient.kfac_update_freq=100000", "method.gradient.reprojection_freq=100000"]
-
-
-def config_for(tmp_path, *overrides: str):
-    return load_config([], [*BASE, f"io.root={tmp_path / 'runs'}", *overrides])
-
-
-def grit_parts(tmp_path, *overrides: str, seed: int = 0):
-    """Prepared parts with B drawn at random, so Σ_g and B's gradients are not zero."""
-    parts = prepare(config_for(tmp_path, *overrides))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for view in parts.rule.views.values():
-            view.B.copy_(0.05 * torch.randn(view.B.shape, generator=generator))
-    return parts
 
 
 def padded_batch(parts, size: int = 6, start: int = 0) -> dict:
@@ -106,11 +78,6 @@ class Captures:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    """Entrywise equality up to `rel` of the reference's largest entry (fp32 accumulation against float64)."""
-    assert float((actual.double() - expected).abs().max()) <= rel * float(expected.abs().max())
 
 
 def dense_reference(view, x, g, keep):

@@ -10,7 +10,7 @@ counter lives on the host anyway).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import itertools
 import sys
 import threading
@@ -21,9 +21,16 @@ from torch.overrides import TorchFunctionMode
 
 from loralab.config import RunConfig, load_config
 from loralab.errors import ConfigError
-from loralab.training.loop import BatchOrder, Prefetcher, TrainState, prepare_for_loop, train
+from loralab.training.loop import (
+    BatchOrder,
+    Prefetcher,
+    TrainState,
+    new_accelerator,
+    optimizer_steps,
+    prepare_for_loop,
+)
 from loralab.training.optim import build_optimizer, build_scheduler
-from loralab.training.recipe import RunParts, new_accelerator, prepare
+from loralab.training.recipe import RunParts, prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 
@@ -31,7 +38,7 @@ READS = frozenset(
     {"item", "__float__", "__int__", "__index__", "__bool__", "tolist", "cpu", "numpy", "nonzero", "equal"}
 )
 LORALAB = str(Path(__import__("loralab").__file__).parent)
-STEPS, NEVER = 10, 10**6
+STEPS = 10
 COMMON = ["task.train_samples=64", "train.batch_size=8", "train.grad_accum=4", "train.warmup_ratio=0"]
 LLAMA = ["model.name=tiny-llama", "task.name=synthetic/arithmetic", "task.max_length=256", "method.adapter.dropout=0"]
 GRIT = [  # a covariance recording every 2nd step (every 8th backward); fixed periods, no inversion while counted
@@ -56,10 +63,7 @@ class HostReads(TorchFunctionMode):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
+    def step_done(self) -> None:
         self.per_step.append(self.count)
         self.count = 0
 
@@ -75,25 +79,17 @@ def reads_per_step(tmp_path: Path, overrides: list[str], warmup: int = 0) -> tup
     order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
     state, counter, pad = TrainState(), HostReads(), parts.tokenizer.pad_token_id
 
-    def advance(steps: int) -> TrainState:
-        budget = dataclasses.replace(config.train, max_steps=steps)
-        return train(
-            model,
-            parts.features,
-            parts.rule,
-            budget,
-            accelerator,
-            optimizer,
-            scheduler,
-            state,
-            order,
-            pad,
-            counter,
-            NEVER,
-        )
+    def advance(steps: int) -> None:
+        """Steps up to `steps`, the last one logged as the recipe logs a run's last step (log.every is never due)."""
+        for step in optimizer_steps(
+            model, parts.features, parts.rule, config.train, accelerator, optimizer, scheduler, state, order, pad, steps
+        ):
+            if state.step == steps:
+                step.train_metrics(scheduler.get_last_lr()[0], state.epoch)
+            counter.step_done()
 
     if warmup:
-        state = advance(warmup)
+        advance(warmup)
     with counter:
         advance(warmup + STEPS)
     return counter.per_step[-STEPS:], parts
@@ -143,38 +139,11 @@ def test_prefetcher_closes_while_its_thread_waits_on_a_full_queue():
     assert not prefetcher.thread.is_alive()
 
 
-class LossLog:
-    """LoopEvents that keep every logged training loss."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        self.losses.append(metrics["loss"])
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
-        return None
-
-
 class Stop(Exception):
     pass
 
 
-class StopAt:
-    """LoopEvents that raise at a step, as a stop request does."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
-        if state.step == self.step:
-            raise Stop
-
-
-def test_no_prefetch_thread_outlives_train_even_when_a_step_raises(tmp_path):
+def test_no_prefetch_thread_outlives_the_loop_even_when_a_step_raises(tmp_path):
     config = load_config([], [*COMMON, "model.name=tiny-bert", "train.max_steps=4", f"io.root={tmp_path}"])
     parts = prepare(config)
     accelerator = new_accelerator("no")
@@ -183,26 +152,21 @@ def test_no_prefetch_thread_outlives_train_even_when_a_step_raises(tmp_path):
     order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
     pad = parts.tokenizer.pad_token_id
 
-    def run(events) -> None:
-        train(
-            model,
-            parts.features,
-            parts.rule,
-            config.train,
-            accelerator,
-            optimizer,
-            scheduler,
-            TrainState(),
-            order,
-            pad,
-            events,
-            NEVER,
+    def run(stop_at: int) -> None:
+        """The loop as the recipe drives it (closed on the way out), raising after step `stop_at`."""
+        state = TrainState()
+        batches = optimizer_steps(
+            model, parts.features, parts.rule, config.train, accelerator, optimizer, scheduler, state, order, pad, 4
         )
+        with contextlib.closing(batches):
+            for _ in batches:
+                if state.step == stop_at:
+                    raise Stop
 
     before = threading.active_count()
-    run(StopAt(0))
+    run(0)
     with pytest.raises(Stop):
-        run(StopAt(2))
+        run(2)
     assert threading.active_count() == before
     assert not [t for t in threading.enumerate() if t.name == "loralab-prefetch"]
 
@@ -231,21 +195,13 @@ def test_compiled_training_follows_the_eager_losses(tmp_path):
         model, optimizer = prepare_for_loop(accelerator, parts.model, build_optimizer(parts.model, config.train))
         scheduler = build_scheduler(optimizer, config.train, 3)
         order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
-        events = LossLog()
-        train(
-            model,
-            parts.features,
-            parts.rule,
-            config.train,
-            accelerator,
-            optimizer,
-            scheduler,
-            TrainState(),
-            order,
-            parts.tokenizer.pad_token_id,
-            events,
-            1,
-        )
-        losses[compiled] = events.losses
+        pad = parts.tokenizer.pad_token_id
+        losses[compiled] = [
+            step.loss
+            for step in optimizer_steps(
+                model, parts.features, parts.rule, config.train, accelerator, optimizer, scheduler, TrainState(), order,
+                pad, 3,
+            )
+        ]  # fmt: skip
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert len(losses[True]) == 3

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from conftest import one_line, perturb
 from loralab.adapters import build_adapter, load_adapter
 from loralab.adapters.houlsby import Bottleneck, HoulsbyAdapter, bottleneck_parameters
 from loralab.adapters.prefix import ENCODER, PrefixAdapter, PrefixEncoder, extend_mask
@@ -20,7 +21,6 @@ from loralab.config.schema import HoulsbyOptions, ModelConfig, PrefixOptions
 from loralab.errors import AdapterError, ConfigError
 from loralab.models import load_model
 from loralab.models.presets import build_tiny, tiny_tokenizer
-from test_adapters import one_line, perturb
 
 BASE = ModelConfig("tiny-bert", "auto", "float32", "none", False, False, None)
 TEXTS = ["a short one", "a somewhat longer sentence, with $3.50"]

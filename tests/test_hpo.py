@@ -11,6 +11,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from loralab.config import config_hash, hpo_space, load_config
 from loralab.config.schema import LrGridConfig
 from loralab.errors import ConfigError
 from loralab.experiments import hpo, hpo_outputs, hpo_study
-from loralab.training.recipe import StopRun
+from loralab.training.control import KILL_AT, StopRun
 from loralab.training.rundir import read_status
 
 LR_GRID = "hpo.space={train.lr: [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4]}"
@@ -278,8 +279,15 @@ def test_a_trial_without_heartbeat_is_failed_and_retried_with_its_parameters(tmp
     study = hpo_study.open_study(plan)
     trial, heartbeat = hpo_study.claim(study, plan)
     point = trial.user_attrs[hpo_study.POINT]
-    heartbeat.stop()  # the worker hangs (alive, so only the heartbeat can tell)
-    time.sleep(plan.grace_period + 1.5)
+    heartbeat.stop()  # the worker hangs (alive, so only the heartbeat can tell): its last beat, an hour ago
+    if storage == "sqlite":
+        with sqlite3.connect(tmp_path / "hpo.db") as db:
+            db.execute(
+                "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id = ?",
+                (trial._trial_id,),
+            )
+    else:
+        study._storage.set_trial_system_attr(trial._trial_id, hpo_study.HEARTBEAT, time.time() - 3600)
     retried, beat = hpo_study.claim(study, plan)
     beat.stop()
     assert retried.number != trial.number and retried.user_attrs[hpo_study.POINT] == point
@@ -489,32 +497,17 @@ def test_hierarchical_end_to_end_on_tiny_bert(tmp_path):
 # ---- killed processes -------------------------------------------------------------------------------------
 
 
-def hpo_command(tmp_path: Path, study: str, *extra: str, steps: int = 2) -> list[str]:
-    """The grid study as a process; `steps` long enough (200: seconds a trial) lets a kill land while one runs."""
-    # bare overrides apply in order, after any --set one, so this one replaces tiny()'s train.max_steps
-    grid = [*tiny(tmp_path, study), "hpo.sampler=grid", LR_GRID]
-    return [sys.executable, "-m", "loralab", "hpo", *grid, f"train.max_steps={steps}", *extra]
+def hpo_command(tmp_path: Path, study: str, *extra: str) -> list[str]:
+    """The grid study as a process."""
+    return [sys.executable, "-m", "loralab", "hpo", *tiny(tmp_path, study), "hpo.sampler=grid", LR_GRID, *extra]
 
 
-def wait_for(tmp_path: Path, study: str, ready, process: subprocess.Popen, timeout: float = 180):
-    """Poll the study until `ready(trials)` returns something, while the process lives."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the study ended before it could be killed"
-        try:
-            found = ready(study_trials(tmp_path, study))
-        except KeyError:  # the study is not created yet
-            found = None
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for the study")
-
-
-def running_after_one_complete(trials):
-    if any(t.state == TrialState.COMPLETE for t in trials):
-        return next((t for t in trials if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs), None)
-    return None
+def killing(tmp_path: Path, step: int) -> dict[str, str]:
+    """The environment in which the first process to finish `step` of a trial's run SIGKILLs itself (the recipe's
+    test hook): a worker dies at a known point of its trial, however fast the machine is."""
+    token = tmp_path / "kill-token"
+    token.touch()
+    return {**os.environ, KILL_AT: f"{step}:{token}"}
 
 
 def check_exactly_four(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTrial]:
@@ -527,18 +520,20 @@ def check_exactly_four(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTr
 
 @pytest.mark.slow
 def test_a_killed_study_resumes_to_exactly_n_trials(tmp_path):
-    command = hpo_command(tmp_path, "kill", "--n-trials", "4", steps=200)
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    victim = wait_for(tmp_path, "kill", running_after_one_complete, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    """The study process dies after step 1 of its first trial; run again, it fails that trial, retries it with the
+    same parameters in the same run directory (resumed), and ends with exactly 4 trials."""
+    command = hpo_command(tmp_path, "kill", "--n-trials", "4")
+    killed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=killing(tmp_path, 1))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (victim,) = [t for t in study_trials(tmp_path, "kill") if t.state == TrialState.RUNNING]
+    assert read_status(Path(victim.user_attrs["run_dir"]))["state"] == "running"
 
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "4 complete, 0 pruned, 0 failed of 4" in rerun.stdout
     trials = check_exactly_four(tmp_path, "kill")
-    killed = next(t for t in trials if t.number == victim.number)
-    assert killed.state == TrialState.FAIL
+    killed_trial = next(t for t in trials if t.number == victim.number)
+    assert killed_trial.state == TrialState.FAIL
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.state == TrialState.COMPLETE and retry.params == victim.params
     assert retry.user_attrs["run_dir"] == victim.user_attrs["run_dir"]  # the same run directory, resumed
@@ -546,22 +541,17 @@ def test_a_killed_study_resumes_to_exactly_n_trials(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_one_killed_still_run_exactly_n_trials(tmp_path):
-    command = hpo_command(tmp_path, "workers", "--workers", "2", steps=200)
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def a_worker_trial(trials):
-        trial = running_after_one_complete(trials)
-        return trial if trial is not None and trial.user_attrs[hpo_study.WORKER]["pid"] != process.pid else None
-
-    victim = wait_for(tmp_path, "workers", a_worker_trial, process)
-    os.kill(victim.user_attrs[hpo_study.WORKER]["pid"], signal.SIGKILL)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-2000:]
-    assert "4 complete, 0 pruned, 0 failed of 4" in out
+    """One of two worker processes dies after step 1 of a trial; the study still ends with exactly 4 trials."""
+    command = hpo_command(tmp_path, "workers", "--workers", "2")
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=killing(tmp_path, 1))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 complete, 0 pruned, 0 failed of 4" in done.stdout
     trials = check_exactly_four(tmp_path, "workers")
-    assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
+    (victim,) = [t for t in trials if t.state == TrialState.FAIL]
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
     pids = {t.user_attrs[hpo_study.WORKER]["pid"] for t in trials}
-    assert len(pids) >= 2 and process.pid not in pids
+    assert len(pids) >= 2 and not (tmp_path / "kill-token").exists()
 
 
 def storage_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:

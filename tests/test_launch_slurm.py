@@ -14,10 +14,10 @@ pytest.importorskip("submitit")
 
 from submitit.helpers import DelayedSubmission
 
+from conftest import TINY
 from loralab.cli import build_parser, main
 from loralab.config import load_config
 from loralab.experiments.launch import Node, Resources, plan_launch
-from test_sweep import TINY
 
 GRID = ["--grid", "method.adapter.r=4,8", "--seeds", "42,1337"]
 POINTS = [("4", "42"), ("4", "1337"), ("8", "42"), ("8", "1337")]  # the sweep's order: grid values, seeds fastest

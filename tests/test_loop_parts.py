@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
+from conftest import tiny
 from loralab.data import get_task
 from loralab.data.collate import IGNORE_INDEX, collate, left_pad_prompts
 from loralab.data.encode import encode_examples
@@ -19,7 +20,6 @@ from loralab.tracking import read_metrics
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.recipe import run_training
 from loralab.training.rundir import plan_run
-from test_training import tiny
 
 
 def lrs(scheduler, optimizer, steps: int) -> list[float]:
@@ -164,3 +164,25 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32(tmp_path):
     }
     assert loss["fp32"] != loss["bf16"]  # autocast really ran in bf16
     assert loss["bf16"] == pytest.approx(loss["fp32"], rel=2e-2)
+
+
+def test_an_epoch_whose_last_batch_is_non_finite_is_still_evaluated(tmp_path, monkeypatch):
+    """64 examples in batches of 8: 8 batches an epoch, 16 steps in 2 epochs. The 8th batch's loss is made NaN, so
+    the first epoch ends on a skipped batch at step 7: it is evaluated there; the 16-step budget then runs one batch
+    into a third epoch (the second ends at step 15), and the run's last step is evaluated too."""
+    import loralab.training.loop as loop
+
+    calls, real_loss = [], loop.model_loss
+
+    def nan_on_the_eighth_batch(model, batch):
+        calls.append(1)
+        loss = real_loss(model, batch)
+        return loss * float("nan") if len(calls) == 8 else loss
+
+    monkeypatch.setattr(loop, "model_loss", nan_on_the_eighth_batch)
+    config = tiny(tmp_path, "train.max_steps=null", "train.epochs=2", "train.eval_each_epoch=true")
+    outcome = run_training(config, show_progress=False)
+    rows = read_metrics(outcome.directory / "metrics.csv")
+    assert [r["step"] for r in rows if r["metric"] == "bad_step"] == [7]
+    assert [r["step"] for r in rows if r["split"] == "eval" and r["metric"] == "accuracy"] == [7, 15, 16]
+    assert len(calls) == 17  # 16 optimizer steps and the skipped batch

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import QUIET, assert_close_scaled, grit_parts
 from loralab.data.collate import IGNORE_INDEX, collate
 from loralab.data.packing import collate_packed, pack
 from loralab.models.presets import build_tiny
 from loralab.training.loop import BatchOrder, LengthGroupedOrder, model_loss
-from test_grit import QUIET, assert_close_scaled, grit_parts
 
 LENGTHS = [7, 12, 5, 9, 15, 4, 11]  # best fit decreasing into rows of 34: [15, 12, 7] (full), [11, 9, 5, 4] (5 short)
 MAX_LENGTH = 34

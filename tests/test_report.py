@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 import numpy as np
 import pytest
 
+from conftest import write_run
 from loralab.cli import main
 from loralab.errors import RunError
 from loralab.experiments.report import find_groups, table
 from loralab.tables import render
-from loralab.tracking import CSV_FIELDS
-
-
-def write_run(root, method, seed, final, curve, state="completed"):
-    run = root / "task" / "model" / method / "abcd1234" / f"seed{seed}"
-    run.mkdir(parents=True)
-    (run / "eval.json").write_text(json.dumps({"metrics": final, "n": 10}))
-    status = {"state": state, "trainable_params": 50, "total_params": 1000, "tokens_per_s": 100.0 + seed}
-    status["step_time_s"] = 0.5 * seed
-    (run / "status.json").write_text(json.dumps(status | {"peak_mem_mb": 10.0}))
-    with open(run / "metrics.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_FIELDS)
-        writer.writerow((1, "train", "loss", 0.7, 0.0))
-        for step, value in enumerate(curve, start=1):
-            writer.writerow((step, "eval", "accuracy", value, 0.0))
 
 
 @pytest.fixture

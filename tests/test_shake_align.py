@@ -12,16 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import hand_c2, train_parts
 from loralab.config import load_config
 from loralab.data.collate import collate
 from loralab.gradient import NoRule
 from loralab.gradient.votes import flatten_parts
 from loralab.tracking import read_metrics
 from loralab.training.checkpoint import list_checkpoints
-from loralab.training.loop import BatchOrder, TrainState, train
-from loralab.training.optim import build_optimizer, build_scheduler
-from loralab.training.recipe import new_accelerator, prepare, run_training
-from test_shake_align_formulas import hand_c2
+from loralab.training.loop import BatchOrder
+from loralab.training.recipe import prepare, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -45,40 +44,6 @@ LORA_R = ("method.name=baseline_R", "method.adapter.r=6", "method.adapter.alpha=
 
 def config_for(tmp_path, *overrides: str, method: tuple[str, ...] = OURS):
     return load_config([], [*BASE, *method, f"io.root={tmp_path / 'runs'}", *overrides])
-
-
-class Silent:
-    def log(self, step, split, metrics):
-        return None
-
-    def after_step(self, state, epoch_ended, last):
-        return None
-
-
-def train_parts(parts, config, steps: int, optimizer: torch.optim.Optimizer | None = None):
-    """Drive the real loop for `steps` optimizer steps on prepared parts (AdamW unless given); returns the model."""
-    accelerator = new_accelerator("no")
-    optimizer = optimizer or build_optimizer(parts.model, config.train)
-    model, optimizer = accelerator.prepare(parts.model, optimizer)
-    parts.rule.bind_optimizer(optimizer)
-    scheduler = build_scheduler(optimizer, config.train, steps)
-    order = BatchOrder(len(parts.features), config.train.batch_size, config.seed)
-    budget = type(config.train)(**{**config.train.__dict__, "max_steps": steps})
-    train(
-        model,
-        parts.features,
-        parts.rule,
-        budget,
-        accelerator,
-        optimizer,
-        scheduler,
-        TrainState(),
-        order,
-        1,
-        Silent(),
-        1,
-    )
-    return model
 
 
 def trainable(model) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import hand_c2
 from loralab.config.schema import HistoryOptions, ShakeAlignOptions, TriggerOptions
 from loralab.gradient.shake_align import Coefficients, StatsHistory, correct, joint_direction, triggered_blocks
 from loralab.gradient.votes import (
@@ -50,19 +51,6 @@ def test_flatten_and_unflatten_are_inverse_and_order_core_first():
     A2, B2 = torch.zeros_like(A), torch.zeros_like(B)
     unflatten_parts(core, extension, A2, B2, 1)
     assert torch.equal(A2, A) and torch.equal(B2, B)
-
-
-def hand_c2(core_votes: np.ndarray, ext_votes: np.ndarray) -> tuple[float, float, float]:
-    """C_r, C_R, A_b from explicitly stacked vote vectors, by loops over pairs."""
-    full = np.concatenate([core_votes, ext_votes], axis=1)
-
-    def mean_cos(rows):
-        pairs = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))]
-        return sum(rows[i] @ rows[j] / (np.linalg.norm(rows[i]) * np.linalg.norm(rows[j])) for i, j in pairs) / len(
-            pairs
-        )
-
-    return mean_cos(core_votes), mean_cos(full), np.linalg.norm(core_votes.sum(0)) / np.linalg.norm(full.sum(0))
 
 
 def test_c2_statistics_equal_loops_over_vote_pairs():

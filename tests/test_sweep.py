@@ -9,19 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import TINY
 from loralab.cli import main
 from loralab.errors import ConfigError
 from loralab.experiments.sweep import ABLATIONS, expand, plan_sweep, split_values
 from loralab.tracking import read_metrics
-
-TINY = [
-    "model.name=tiny-bert",
-    "task.name=synthetic/sentiment",
-    "task.train_samples=32",
-    "task.eval_samples=16",
-    "train.batch_size=8",
-    "train.max_steps=3",
-]
 
 
 def sweep(root, *argv):

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import task
 from loralab.data import load_task
 from loralab.data.synthetic import (
     NEGATIVE,
@@ -19,7 +20,6 @@ from loralab.data.synthetic import (
     generate,
     graded_sentiment_row,
 )
-from test_data import task
 
 # the reader's own vocabulary, written out here rather than imported, so a drift in the generator shows up
 FRAMES = ("it is not true that ", "nobody would say that ", "i would not claim that ", "it is false that ")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny
 from loralab.tracking import read_metrics
 from loralab.training.recipe import run_training
-from test_training import tiny
 
 pytestmark = pytest.mark.slow
 STEPS = 3

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
+import accelerate
+import peft
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
-from loralab.config import load_config
+from conftest import tiny
 from loralab.data import load_task
 from loralab.data.collate import collate
 from loralab.data.encode import encode_classification
@@ -23,23 +26,6 @@ from loralab.training.recipe import run_training
 from loralab.training.rundir import read_status
 
 pytestmark = pytest.mark.slow
-
-
-def tiny(tmp_path, *overrides: str):
-    return load_config(
-        [],
-        [
-            f"io.root={tmp_path / 'runs'}",
-            "model.name=tiny-bert",
-            "task.train_samples=64",
-            "task.eval_samples=32",
-            "train.batch_size=8",
-            "train.max_steps=6",
-            "train.lr=1e-3",
-            "log.every=1",
-            *overrides,
-        ],
-    )
 
 
 def adapter_tensors(run_dir):
@@ -83,7 +69,13 @@ def test_run_directory_contents(tmp_path):
     assert parts[:3] == ("synthetic-sentiment", "tiny-bert", "lora") and parts[4] == "seed42"
     status = read_status(directory)
     assert status["state"] == "completed" and status["step"] == 6
-    assert status["versions"]["torch"] == torch.__version__.split("+")[0] or status["versions"]["torch"]
+    # the versions of the libraries this process imported, as each reports itself
+    assert {name: status["versions"][name] for name in ("torch", "transformers", "peft", "accelerate")} == {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
     assert 0 < status["trainable_params"] < status["total_params"]
     rows = read_metrics(directory / "metrics.csv")
     assert [r["step"] for r in rows if r["metric"] == "loss"] == [1, 2, 3, 4, 5, 6]

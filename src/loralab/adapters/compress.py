@@ -27,13 +27,13 @@ def peft_module_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
-def save_projectors(directory: Path, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Write each module's r×k bases V_a, V_g beside a saved adapter."""
+def projector_tensors(bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each module's r×k bases V_a, V_g as the tensors of PROJECTORS, saved beside the adapter."""
     tensors = {}
     for module, (basis_a, basis_g) in bases.items():
         tensors[f"{module}.basis_a"] = basis_a.detach().float().cpu().contiguous()
         tensors[f"{module}.basis_g"] = basis_g.detach().float().cpu().contiguous()
-    save_file(tensors, str(Path(directory) / PROJECTORS), metadata={"format": "pt"})
+    return tensors
 
 
 def compress_adapter(directory: Path, out: Path) -> dict[str, int]:

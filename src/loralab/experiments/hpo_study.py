@@ -46,6 +46,7 @@ from loralab.config.load import load_config
 from loralab.config.schema import RunConfig
 from loralab.errors import ConfigError, LoraLabError, RunError, first_line
 from loralab.tracking import read_metrics
+from loralab.training.control import StopRun
 from loralab.training.rundir import run_dir_for
 
 log = logging.getLogger("loralab")
@@ -368,8 +369,6 @@ def optimize(plan: StudyPlan, worker: int = 0) -> None:
 
 def run_trial(study: optuna.Study, plan: StudyPlan, trial: optuna.Trial, heartbeat: Heartbeat) -> None:
     """Run the trial's seeds and tell the study: complete, pruned, or failed (an error is recorded)."""
-    from loralab.training.recipe import StopRun
-
     state, value = TrialState.COMPLETE, None
     try:
         params = suggest(trial, plan)
@@ -434,8 +433,6 @@ class Reporter:
         self.trial, self.metric = trial, metric
 
     def __call__(self, step: int, metrics: dict[str, float], last: bool) -> None:
-        from loralab.training.recipe import StopRun
-
         value = metric_value(metrics, self.metric)
         self.trial.report(value, step)
         if not last and self.trial.should_prune():

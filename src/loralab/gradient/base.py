@@ -3,7 +3,7 @@
 The training loop calls, per optimizer step: `begin_step` with the batch size, `compute_gradients` for each
 micro-batch in order (the regularizer is added to the loss there), then `before_step` (edit `.grad` in place),
 then clipping (before `before_step` instead when `clip_first`), the optimizer step, the scheduler, and
-`after_step`; the run writes `diagnostics()` rows to `<name>.csv` and, at the end, `write_outputs(run_dir)`.
+`after_step`; the run writes `diagnostics()` rows to `<name>.csv` and, at the end, what `outputs()` hands it.
 `bind_optimizer` hands over the optimizer once it exists; `state_dict`/`load_state_dict` make resume exact.
 Metric values may be 0-dim tensors: they stay on the device until a step that logs reads them (`host_metrics`).
 """
@@ -11,7 +11,7 @@ Metric values may be 0-dim tensors: they stay on the device until a step that lo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +32,17 @@ def host_metrics(metrics: Mapping[str, float | Tensor]) -> dict[str, float]:
         return dict(metrics)
     values = torch.stack([value.detach().double() for value in tensors.values()]).tolist()
     return {**metrics, **dict(zip(tensors, values, strict=True))}
+
+
+@dataclass
+class RuleOutputs:
+    """A rule's end-of-training outputs, handed to the recipe (the one writer of the run directory): JSON files for
+    the run directory, tensors saved as safetensors files beside the adapter, and whether to also write the adapter
+    compressed to its per-module ranks (`adapter_compressed/`)."""
+
+    json_files: dict[str, Any] = field(default_factory=dict)
+    adapter_tensors: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    compressed_adapter: bool = False
 
 
 class GradientRule(Protocol):
@@ -66,8 +77,8 @@ class GradientRule(Protocol):
     def diagnostics(self) -> list[dict]:
         """Per-module rows gathered since the last call (for `<name>.csv`); [] when there are none."""
 
-    def write_outputs(self, directory: Path) -> None:
-        """Write the rule's end-of-training files into the run directory (its saved adapter is in adapter/)."""
+    def outputs(self) -> RuleOutputs:
+        """What the rule leaves at the end of training, for the recipe to write into the run directory."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -110,8 +121,8 @@ class RuleDefaults:
     def diagnostics(self) -> list[dict]:
         return []
 
-    def write_outputs(self, directory: Path) -> None:
-        return None
+    def outputs(self) -> RuleOutputs:
+        return RuleOutputs()
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -9,24 +9,22 @@ The math, the defaults and every choice the GRIT paper leaves open: docs/methods
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from loralab.adapters.base import LoraView
-from loralab.adapters.compress import compress_adapter, peft_module_name, save_projectors
+from loralab.adapters.compress import PROJECTORS, peft_module_name, projector_tensors
 from loralab.config.schema import GritOptions
 from loralab.errors import ConfigError
-from loralab.gradient.base import Backward, LossFn, Metrics, RuleDefaults
+from loralab.gradient.base import Backward, LossFn, Metrics, RuleDefaults, RuleOutputs
 from loralab.gradient.kfac import damped_inverses, eigen_descending, precondition, project_moments
 from loralab.gradient.rank_stats import RankStatistics
 from loralab.lowrank import energy_rank
@@ -314,14 +312,15 @@ class Grit(RuleDefaults):
 
     # ---- outputs and resume -----------------------------------------------------------------------
 
-    def write_outputs(self, directory: Path) -> None:
+    def outputs(self) -> RuleOutputs:
         """grit_ranks.json; the bases beside the saved adapter; the compressed adapter when asked for."""
         ranks = {peft_module_name(n): {k: v for k, v in r.items() if k != "width"} for n, r in self.ranks().items()}
-        (directory / "grit_ranks.json").write_text(json.dumps(ranks, indent=2, sort_keys=True) + "\n")
         bases = {peft_module_name(n): (s.basis_a, s.basis_g) for n, s in self.modules.items() if s.reprojected}
-        save_projectors(directory / "adapter", bases)
-        if self.options.export_compressed:
-            compress_adapter(directory / "adapter", directory / "adapter_compressed")
+        return RuleOutputs(
+            json_files={"grit_ranks.json": ranks},
+            adapter_tensors={PROJECTORS: projector_tensors(bases)},
+            compressed_adapter=self.options.export_compressed,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -4,7 +4,7 @@ One optimizer step = one batch of `train.batch_size` examples in `train.grad_acc
     rule.begin_step → rule.compute_gradients (per micro-batch; regularizer in the loss) → rule.before_step
     → clip (before rule.before_step when rule.clip_first) → non-finite guard → optimizer.step → scheduler.step
     → rule.after_step
-then logging, evaluation and checkpoints through the `LoopEvents` the caller provides.
+`optimizer_steps` yields after each; the recipe (training/recipe.py) logs, evaluates and checkpoints between them.
 
 Under data parallelism (P processes) every micro-batch is split into P consecutive parts, one per process, and
 the gradients are averaged once per step, after the last micro-batch (see `micro_batches`).
@@ -24,17 +24,18 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import Tensor, nn
 
 from loralab import collectives
 from loralab.config.schema import TrainConfig
 from loralab.data.collate import collate
-from loralab.errors import LoraLabError
 from loralab.gradient.base import GradientRule, host_metrics
 
 T = TypeVar("T")
@@ -159,16 +160,25 @@ def prepare_for_loop(
     return model, accelerator.prepare(optimizer) if accelerator.scaler is not None else optimizer
 
 
+def new_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for this run; runs in one process (sweeps, tests) may each ask for another precision.
+
+    accelerate keeps its settings in a process-wide singleton that refuses a second precision, so they are
+    reset first; the distributed set-up (PartialState) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=collectives.cpu_only(),
+        # the loop syncs gradients itself, once per step; DDP's per-forward buffer broadcast would be a collective
+        # in every forward (and a deadlock when only the main process evaluates)
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: train.max_steps, else train.epochs of the batch order's steps (at least one)."""
     return cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
-
-class LoopEvents(Protocol):
-    """What the caller does around the loop: log, evaluate, checkpoint."""
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None: ...
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None: ...
 
 
 NON_MODEL_KEYS = frozenset({"token_mask"})  # batch entries for the loop and the rules, not for the forward
@@ -271,7 +281,34 @@ def accumulate(model: nn.Module, batch: PreparedBatch, rule: GradientRule, accel
     return loss_sum
 
 
-def train(
+@dataclass
+class Step:
+    """What one pass through the loop did: an optimizer step (`finite`), or a batch skipped for a non-finite loss
+    or gradient. `rule_metrics` may hold device tensors: `train_metrics` reads them, on the steps that log."""
+
+    finite: bool
+    epoch_ended: bool  # this batch was its epoch's last
+    loss: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+    rule_metrics: dict
+
+    def train_metrics(self, lr: float, epoch: float) -> dict[str, float]:
+        """The step's row of metrics.csv (split `train`), the rule's tensor metrics read in one transfer."""
+        return {
+            "loss": self.loss,
+            "lr": lr,
+            "grad_norm": self.grad_norm,
+            "tokens_per_s": self.tokens / self.seconds,
+            "step_time_s": self.seconds,
+            "peak_mem_mb": peak_memory_mb(),
+            "epoch": epoch,
+            **host_metrics(self.rule_metrics),
+        }
+
+
+def optimizer_steps(
     model: nn.Module,
     features: list[dict],
     rule: GradientRule,
@@ -282,25 +319,24 @@ def train(
     state: TrainState,
     order: BatchOrder | LengthGroupedOrder,
     pad_token_id: int,
-    events: LoopEvents,
-    log_every: int,
-) -> TrainState:
-    """Run optimizer steps from `state` until the step budget is spent; returns the final state.
+    steps: int,
+) -> Iterator[Step]:
+    """Take batches from `state` on and yield after each, until `state.step` reaches `steps`; `state` advances.
 
-    The next batches are collated by a background thread (`Prefetcher`) while the device works on this one.
+    A non-finite loss or gradient skips the batch (no optimizer step; `state.bad_steps` counts it). The next
+    batches are collated by a background thread (`Prefetcher`); closing the generator ends that thread.
     """
-    steps = total_steps(cfg, order.steps_per_epoch)
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()
     forward = torch.compile(model) if cfg.compile else model  # training forwards only: evaluation stays eager
     start, pin = (state.epoch, state.position), accelerator.device.type == "cuda"
     batches = Prefetcher(prepared_batches(features, order, start, cfg.batch_size // cfg.grad_accum, pad_token_id, pin))
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
     try:
         while state.step < steps:
             started = time.perf_counter()
             batch = next(batches)
             state.epoch, state.position = next_position(state.epoch, state.position, order.steps_per_epoch)
-            epoch_ended = state.position == 0
 
             with accelerator.no_sync(model):  # one gradient sync per step, after the last micro-batch
                 loss_sum = accumulate(forward, batch, rule, accelerator)
@@ -309,22 +345,17 @@ def train(
             # the gradient rule edits .grad, then clip, step, schedule (clip first for rules that ask for it)
             if accelerator.scaler is not None:
                 accelerator.unscale_gradients()
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
             rule_metrics = {} if rule.clip_first else rule.before_step(state.step)
             norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
             if rule.clip_first:
                 rule_metrics = rule.before_step(state.step)
             # the step's one host read: loss and gradient norm together, for the non-finite guard and the log
             loss_value, grad_norm = torch.stack([loss_sum, norm.double()]).tolist()
+            epoch_ended = state.position == 0
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_steps += 1
-                events.log(state.step, "train", {"bad_step": 1.0, "bad_steps": float(state.bad_steps)})
-                if state.bad_steps > cfg.max_bad_steps:
-                    raise LoraLabError(
-                        f"training diverged: {state.bad_steps} steps with a non-finite loss or gradient "
-                        f"(train.max_bad_steps={cfg.max_bad_steps}); lower train.lr or enable train.max_grad_norm"
-                    )
+                yield Step(False, epoch_ended, loss_value, grad_norm, tokens, time.perf_counter() - started, {})
                 continue
             optimizer.step()
             scheduler.step()
@@ -335,25 +366,9 @@ def train(
             seconds = time.perf_counter() - started
             state.seconds += seconds
             state.tokens += tokens
-            if state.step % log_every == 0 or state.step == steps:
-                events.log(
-                    state.step,
-                    "train",
-                    {
-                        "loss": loss_value,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tokens / seconds,
-                        "step_time_s": seconds,
-                        "peak_mem_mb": peak_memory_mb(),
-                        "epoch": state.epoch + state.position / order.steps_per_epoch,
-                        **host_metrics(rule_metrics),
-                    },
-                )
-            events.after_step(state, epoch_ended, state.step == steps)
+            yield Step(True, epoch_ended, loss_value, grad_norm, tokens, seconds, rule_metrics)
     finally:
         batches.close()
-    return state
 
 
 def peak_memory_mb() -> float:

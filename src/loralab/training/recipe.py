@@ -1,23 +1,31 @@
-"""One run from a resolved config: the run directory, model + adapter + rule, the loop, evaluation, outputs."""
+"""The training recipe, top to bottom: set up a run from its resolved config, train it, save what it made.
+
+    run_training: plan the run directory (start, resume or skip) → prepare (task, model, adapter, rule, data)
+    → train: accelerator, optimizer and schedule, resume; the loop with logging, evaluation and checkpoints
+      inline; the final evaluation → save: eval.json, the adapter, the rule's outputs, status.json.
+
+This module is the one writer of a run directory's files. Under data parallelism every process runs the same loop;
+the main one logs, checkpoints and writes, the others train their parts (and, with a sharded base, evaluate
+alongside the main one, since every forward pass needs every process). Nothing else in loralab imports from here
+but the CLI and the experiment drivers (sweep, hpo) that call `run_training`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loralab import collectives
 from loralab.adapters import Adapter, build_adapter
+from loralab.adapters.compress import compress_adapter
 from loralab.adapters.params import frozen_hash
 from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
@@ -26,53 +34,35 @@ from loralab.data.encode import encode_examples
 from loralab.data.packing import pack
 from loralab.diffusion import build_diffusion_adapter, load_diffusion_model
 from loralab.diffusion.data import encode_diffusion
-from loralab.errors import ConfigError
-from loralab.evaluation.diffusion import evaluate_diffusion
-from loralab.evaluation.evaluate import EvalResult, evaluate, evaluate_views
+from loralab.errors import ConfigError, LoraLabError
+from loralab.evaluation.dispatch import evaluate_in_views
+from loralab.evaluation.evaluate import EvalResult
+from loralab.evaluation.records import stored_metrics, write_eval
 from loralab.gradient import GradientRule, build_rule
 from loralab.models import load_model
+from loralab.models.heads import resolve_head
 from loralab.models.load import refuse_encoder
 from loralab.progress import ProgressReporter
 from loralab.seeding import seed_everything
 from loralab.tracking import MetricsCSV, RowsCSV, Trackers
 from loralab.training.checkpoint import resume_checkpoint, save_checkpoint
+from loralab.training.control import EvalCallback, StopRun, kill_if_claimed, kill_point
 from loralab.training.loop import (
     BatchOrder,
     LengthGroupedOrder,
     TrainState,
+    new_accelerator,
+    optimizer_steps,
     peak_memory_mb,
     prepare_for_loop,
     smallest_part,
     total_steps,
-    train,
 )
 from loralab.training.optim import build_optimizer, build_scheduler
 from loralab.training.rundir import environment, plan_run, write_status
-from loralab.training.sharding import (
-    ShardingPlan,
-    blocks,
-    prepare_sharded,
-    read_plan,
-    refuse_unshardable,
-    shard_hash,
-)
+from loralab.training.sharding import ShardingPlan, blocks, prepare_sharded, read_plan, refuse_unshardable, shard_hash
 
 log = logging.getLogger("loralab")
-
-
-EvalCallback = Callable[[int, dict[str, float], bool], None]
-"""Called after each in-loop evaluation with (step, metrics, last): how an HPO trial reports its eval curve."""
-
-
-class StopRun(Exception):
-    """Raised by an `on_eval` callback to end a run after an evaluation (an HPO trial its pruner stopped).
-
-    status.json records `state` (default `pruned`), the step and the reason; the exception reaches the caller.
-    """
-
-    def __init__(self, reason: str = "", state: str = "pruned") -> None:
-        super().__init__(reason)
-        self.state = state
 
 
 @dataclass
@@ -80,19 +70,6 @@ class RunOutcome:
     directory: Path
     action: str
     metrics: dict[str, float]
-
-
-def resolve_head(model_kind: str, task_format: str) -> str:
-    """The model head a task needs: a classification head for classification and regression, a causal LM for
-    the formats that generate or model text (sft, chat, text), or the masked diffusion LM model.kind asks for."""
-    if model_kind == "masked_diffusion":
-        if task_format in ("regression", "chat"):
-            raise ConfigError(f"model.kind=masked_diffusion cannot run a {task_format} task")
-        return "masked_diffusion"
-    wanted = "seq_cls" if task_format in ("classification", "regression") else "causal_lm"
-    if model_kind not in ("auto", wanted):
-        raise ConfigError(f"model.kind={model_kind} cannot run a {task_format} task; use model.kind={wanted} or auto")
-    return wanted
 
 
 @dataclass
@@ -129,21 +106,17 @@ def run_training(
         return RunOutcome(plan.directory, "skip", stored_metrics(plan.directory))
     parts = prepare(config)  # everything that can fail on bad input, before the run directory is touched
     collectives.barrier()  # every process has planned before the main one creates (or moves aside) the directory
-    if not collectives.is_main():
-        collectives.barrier()
-        return execute(config, parts, plan.directory, plan.action, False)
-    directory = plan.open()
+    main = collectives.is_main()
+    directory = plan.open() if main else plan.directory
     collectives.barrier()
+    if not main:
+        return train(config, parts, directory, plan.action, False, None)
     handler = attach_log_file(directory / "train.log")
     try:
-        return execute(config, parts, directory, plan.action, show_progress, on_eval)
+        return train(config, parts, directory, plan.action, show_progress, on_eval)
     finally:
         logging.getLogger("loralab").removeHandler(handler)
         handler.close()
-
-
-def stored_metrics(directory: Path) -> dict[str, float]:
-    return json.loads((directory / "eval.json").read_text())["metrics"]
 
 
 def prepare(config: RunConfig) -> RunParts:
@@ -198,118 +171,152 @@ def check_parallel(num_examples: int, train_cfg) -> None:
         )
 
 
-def evaluate_model(config: RunConfig, head: str, model: nn.Module, tokenizer, spec: TaskSpec, examples) -> EvalResult:
-    """One evaluation of `model` as it is, by the evaluator of its head (diffusion sampling or HF)."""
-    if head == "masked_diffusion":
-        return evaluate_diffusion(
-            model, tokenizer, spec, examples, config.diffusion, config.eval.batch_size, config.task.max_length
-        )
-    return evaluate(
-        model,
-        tokenizer,
-        spec,
-        examples,
-        config.eval.batch_size,
-        config.task.max_length,
-        config.eval.max_new_tokens,
-        config.eval.profile,
-    )
-
-
-def execute(
+def train(
     config: RunConfig,
     parts: RunParts,
     directory: Path,
     action: str,
     show_progress: bool | None,
-    on_eval: EvalCallback | None = None,
+    on_eval: EvalCallback | None,
 ) -> RunOutcome:
-    """Train from scratch or from the last checkpoint, then evaluate and save the adapter."""
-    model, rule = parts.model, parts.rule
-    accelerator = new_accelerator(config.train.mixed_precision)
-    optimizer = build_optimizer(model, config.train)
+    """Train from scratch or from the last checkpoint, evaluating and checkpointing on the way, then save."""
+    main, cfg, rule = collectives.is_main(), config.train, parts.rule
+
+    # ---- setup: accelerator, optimizer, batch order, schedule, resume --------------------------------------
+    accelerator = new_accelerator(cfg.mixed_precision)
+    optimizer = build_optimizer(parts.model, cfg)
     if parts.sharding is not None:
-        model, optimizer = prepare_sharded(accelerator, model, optimizer, parts.sharding)
+        model, optimizer = prepare_sharded(accelerator, parts.model, optimizer, parts.sharding)
     else:
-        model, optimizer = prepare_for_loop(accelerator, model, optimizer)
+        model, optimizer = prepare_for_loop(accelerator, parts.model, optimizer)
+    base = accelerator.unwrap_model(model)  # without a data-parallel wrapper: evaluation, checkpoints, saving
     # a sharded base is hashed by the main process's shards: a full tensor would take every process
     hash_frozen = frozen_hash if parts.sharding is None else shard_hash
-    base = accelerator.unwrap_model(model)  # without a data-parallel wrapper: evaluation, checkpoints, saving
     rule.bind_optimizer(optimizer)
     if config.task.group_by_length:
         lengths = [len(feature["input_ids"]) for feature in parts.features]
-        order = LengthGroupedOrder(lengths, config.train.batch_size, config.effective_data_seed)
+        order = LengthGroupedOrder(lengths, cfg.batch_size, config.effective_data_seed)
     else:
-        order = BatchOrder(len(parts.features), config.train.batch_size, config.effective_data_seed)
-    steps = total_steps(config.train, order.steps_per_epoch)
-    scheduler = build_scheduler(optimizer, config.train, steps)
-
+        order = BatchOrder(len(parts.features), cfg.batch_size, config.effective_data_seed)
+    steps = total_steps(cfg, order.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, steps)
     state = TrainState()
     if action == "resume":  # the newest checkpoint that verifies; a run with none starts at step 0
         state = resume_checkpoint(directory, base, optimizer, scheduler, rule)
+    # a sharded base needs every process in each forward pass: the others evaluate alongside the main one
+    evaluates = main or parts.sharding is not None
+    kill = kill_point()  # tests only: die at a known step, as a crash would
 
-    def run_loop(events) -> TrainState:
-        """The same loop in every process; only the events differ (the main process logs, evaluates, saves)."""
-        pad = parts.tokenizer.pad_token_id
-        return train(
-            model,
-            parts.features,
-            rule,
-            config.train,
-            accelerator,
-            optimizer,
-            scheduler,
-            state,
-            order,
-            pad,
-            events,
-            config.log.every,
+    # ---- the run's logs: metrics.csv, the rule's diagnostics CSV, trackers, progress (main process only) -----------
+    if main:
+        for log_file in ("metrics.csv", f"{rule.name}.csv"):
+            MetricsCSV.truncate_after(directory / log_file, state.step)
+        # a resumed run keeps the config.yaml it started with: plan_run refused one that differs from `config`
+        if action != "resume" or not (directory / "config.yaml").exists():
+            (directory / "config.yaml").write_text(dump_yaml(config))
+        write_status(
+            directory,
+            state="running",
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            config_hash=config_hash(config),
+            frozen_sha256_start=hash_frozen(base),  # end = start: the base did not change
+            device=str(accelerator.device),
+            processes=collectives.world_size(),
+            fsdp=parts.sharding is not None,  # the frozen base sharded over the processes
+            total_steps=steps,
+            **environment(),
         )
+        csv, diagnostics = MetricsCSV(directory / "metrics.csv"), RowsCSV(directory / f"{rule.name}.csv")
+        run_name = f"{directory.parent.name}-{directory.name}"
+        trackers = Trackers.start(config.log.trackers, directory, run_name, config_to_dict(config))
+        progress = ProgressReporter(steps, enabled=show_progress)
 
-    if not collectives.is_main():  # the other processes train their parts and leave every file to the main one
-        # a sharded base needs every process in each forward pass: they evaluate alongside the main one
-        follower = Follower(config, parts, base) if parts.sharding is not None else Silent()
-        run_loop(follower)
-        if isinstance(follower, Follower) and not follower.evaluated_last:
-            follower.evaluate()
-        collectives.barrier()
-        return RunOutcome(directory, action, stored_metrics(directory))
-    for log_file in ("metrics.csv", f"{rule.name}.csv"):
-        MetricsCSV.truncate_after(directory / log_file, state.step)
-    # a resumed run keeps the config.yaml it started with: plan_run refused one that differs from `config`
-    if action != "resume" or not (directory / "config.yaml").exists():
-        (directory / "config.yaml").write_text(dump_yaml(config))
-    write_status(
-        directory,
-        state="running",
-        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        config_hash=config_hash(config),
-        frozen_sha256_start=hash_frozen(base),  # end = start: the base did not change
-        device=str(accelerator.device),
-        processes=collectives.world_size(),
-        fsdp=parts.sharding is not None,  # the frozen base sharded over the processes
-        total_steps=steps,
-        **environment(),
-    )
+    def log(step: int, split: str, metrics: dict[str, float]) -> None:
+        """One row of metrics.csv, the same values to the trackers, and the progress line."""
+        if not main:
+            return
+        csv.log(step, split, metrics)
+        trackers.log(step, {f"{split}/{k}": v for k, v in metrics.items()})
+        if split == "train" and "loss" in metrics:
+            progress.update(step, metrics)
+        elif "bad_steps" in metrics:
+            progress.note(step, f"non-finite loss or gradient, step skipped ({int(metrics['bad_steps'])} so far)")
+        elif split == "eval":
+            progress.note(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-    events = RunEvents(config, directory, parts, base, optimizer, scheduler, steps, show_progress, on_eval)
+    def evaluate(step: int) -> EvalResult:
+        result = evaluate_in_views(
+            config, parts.head, base, parts.tokenizer, parts.spec, parts.eval_examples, parts.split
+        )
+        log(step, "eval", result.metrics)
+        return result
+
+    # ---- the loop: one optimizer step per pass, then log, evaluate, checkpoint -------------------------------
+    final: EvalResult | None = None
     started = time.time()
     try:
-        state = run_loop(events)
+        batches = optimizer_steps(
+            model, parts.features, rule, cfg, accelerator, optimizer, scheduler, state, order,
+            parts.tokenizer.pad_token_id, steps,
+        )  # fmt: skip
+        with contextlib.closing(batches):  # closing ends the prefetch thread, also when a step raises
+            for step in batches:
+                last = state.step == steps
+                if step.finite:
+                    if state.step % config.log.every == 0 or last:
+                        epoch = state.epoch + state.position / order.steps_per_epoch
+                        log(state.step, "train", step.train_metrics(scheduler.get_last_lr()[0], epoch))
+                    if main:
+                        diagnostics.write(rule.diagnostics())
+                else:
+                    log(state.step, "train", {"bad_step": 1.0, "bad_steps": float(state.bad_steps)})
+                    if state.bad_steps > cfg.max_bad_steps:
+                        raise LoraLabError(
+                            f"training diverged: {state.bad_steps} steps with a non-finite loss or gradient "
+                            f"(train.max_bad_steps={cfg.max_bad_steps}); lower train.lr or enable train.max_grad_norm"
+                        )
+                # evaluate after the last step, every eval_every steps, and at each epoch's end if asked, even when
+                # that epoch's last batch was skipped as non-finite
+                every = cfg.eval_every
+                due = step.finite and (last or bool(every and state.step % every == 0))
+                if evaluates and (due or (step.epoch_ended and cfg.eval_each_epoch)):
+                    result = evaluate(state.step)
+                    if last:
+                        final = result
+                    if on_eval is not None:
+                        on_eval(state.step, result.metrics, last)
+                if main and step.finite and (last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
+                    save_checkpoint(
+                        directory / "checkpoints", state.step, base, optimizer, scheduler, rule, state.to_dict(),
+                        cfg.keep_last,
+                    )  # fmt: skip
+                if kill is not None and step.finite and state.step == kill[0]:
+                    kill_if_claimed(kill[1])
         # a resumed run whose last step was already checkpointed trains no step: evaluate before closing the logs
-        final = events.final or events.run_eval(state.step)
+        if final is None and evaluates:
+            final = evaluate(state.step)
     except KeyboardInterrupt:
-        write_status(directory, state="interrupted", step=state.step)
+        if main:
+            write_status(directory, state="interrupted", step=state.step)
         raise
     except StopRun as stop:
         write_status(directory, state=stop.state, step=state.step, reason=str(stop))
         raise
     except BaseException as exc:
-        write_status(directory, state="failed", step=state.step, error=f"{type(exc).__name__}: {exc}")
+        if main:
+            write_status(directory, state="failed", step=state.step, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        events.close()
+        if main:
+            progress.close()
+            trackers.finish()
+            csv.close()
+            diagnostics.close()
 
+    # ---- save: eval.json, the adapter, the rule's outputs, status.json (main process only) ---------------------
+    if not main:
+        collectives.barrier()
+        return RunOutcome(directory, action, stored_metrics(directory))
     write_eval(directory, final)
     parts.adapter.save(base, directory / "adapter")
     if parts.spec.format in ("text", "sft") and config.method.adapter.kind == "full":  # usable as a model.name
@@ -318,7 +325,13 @@ def execute(
             parts.tokenizer.save_pretrained(directory / "model")
         else:
             base.save_pretrained(directory / "model", parts.tokenizer)
-    rule.write_outputs(directory)
+    outputs = rule.outputs()
+    for name, value in outputs.json_files.items():
+        (directory / name).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    for name, tensors in outputs.adapter_tensors.items():
+        save_file(tensors, str(directory / "adapter" / name), metadata={"format": "pt"})
+    if outputs.compressed_adapter:
+        compress_adapter(directory / "adapter", directory / "adapter_compressed")
     write_status(
         directory,
         state="completed",
@@ -334,140 +347,6 @@ def execute(
     )
     collectives.barrier()
     return RunOutcome(directory, action, final.metrics)
-
-
-class Silent:
-    """The loop events of a process that is not the main one: it logs, evaluates and checkpoints nothing."""
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
-        return None
-
-
-class Follower(Silent):
-    """A process that is not the main one under FSDP: it runs each evaluation the main one runs, and keeps nothing."""
-
-    def __init__(self, config: RunConfig, parts: RunParts, model: nn.Module) -> None:
-        self.config, self.parts, self.model = config, parts, model
-        self.evaluated_last = False
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
-        if eval_due(self.config.train, state, epoch_ended, last):
-            self.evaluate()
-            self.evaluated_last = last
-
-    def evaluate(self) -> None:
-        run_evaluation(self.config, self.parts, self.model)
-
-
-def eval_due(train_cfg, state: TrainState, epoch_ended: bool, last: bool) -> bool:
-    """Whether the loop evaluates after this step: the last one, every `eval_every`, each epoch if asked."""
-    every = train_cfg.eval_every
-    return last or bool(every and state.step % every == 0) or (epoch_ended and train_cfg.eval_each_epoch)
-
-
-def run_evaluation(config: RunConfig, parts: RunParts, model: nn.Module) -> EvalResult:
-    """One evaluation of the run's model under each of `eval.views`."""
-    return evaluate_views(
-        model,
-        config.eval.views,
-        parts.split,
-        lambda: evaluate_model(config, parts.head, model, parts.tokenizer, parts.spec, parts.eval_examples),
-    )
-
-
-def new_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator for this run; runs in one process (sweeps, tests) may each ask for another precision.
-
-    accelerate keeps its settings in a process-wide singleton that refuses a second precision, so they are
-    reset first; the distributed set-up (PartialState) is kept.
-    """
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
-        mixed_precision=mixed_precision,
-        cpu=collectives.cpu_only(),
-        # the loop syncs gradients itself, once per step; DDP's per-forward buffer broadcast would be a collective
-        # in every forward (and a deadlock when only the main process evaluates)
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
-
-
-class RunEvents:
-    """The loop's side effects for one run: metrics.csv + trackers + progress, evaluation, checkpoints."""
-
-    def __init__(
-        self,
-        config: RunConfig,
-        directory: Path,
-        parts: RunParts,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler,
-        steps: int,
-        show_progress: bool | None,
-        on_eval: EvalCallback | None = None,
-    ) -> None:
-        self.config, self.directory, self.parts, self.model = config, directory, parts, model
-        self.on_eval = on_eval
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.csv = MetricsCSV(directory / "metrics.csv")
-        self.diagnostics = RowsCSV(directory / f"{parts.rule.name}.csv")
-        run_name = f"{directory.parent.name}-{directory.name}"
-        self.trackers = Trackers.start(config.log.trackers, directory, run_name, config_to_dict(config))
-        self.progress = ProgressReporter(steps, enabled=show_progress)
-        self.final: EvalResult | None = None
-
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        self.csv.log(step, split, metrics)
-        self.trackers.log(step, {f"{split}/{k}": v for k, v in metrics.items()})
-        if split == "train" and "loss" in metrics:
-            self.progress.update(step, metrics)
-        elif "bad_steps" in metrics:
-            self.progress.note(step, f"non-finite loss or gradient, step skipped ({int(metrics['bad_steps'])} so far)")
-
-    def after_step(self, state: TrainState, epoch_ended: bool, last: bool) -> None:
-        self.diagnostics.write(self.parts.rule.diagnostics())
-        train_cfg = self.config.train
-        if eval_due(train_cfg, state, epoch_ended, last):
-            result = self.run_eval(state.step)
-            if last:
-                self.final = result
-            if self.on_eval is not None:
-                self.on_eval(state.step, result.metrics, last)
-        ckpt = train_cfg.checkpoint_every
-        if last or (ckpt and state.step % ckpt == 0):
-            save_checkpoint(
-                self.directory / "checkpoints",
-                state.step,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.parts.rule,
-                state.to_dict(),
-                train_cfg.keep_last,
-            )
-
-    def run_eval(self, step: int) -> EvalResult:
-        result = run_evaluation(self.config, self.parts, self.model)
-        self.log(step, "eval", result.metrics)
-        self.progress.note(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
-        return result
-
-    def close(self) -> None:
-        self.progress.close()
-        self.trackers.finish()
-        self.csv.close()
-        self.diagnostics.close()
-
-
-def write_eval(directory: Path, result: EvalResult, name: str = "eval.json") -> None:
-    """eval.json (metrics) and predictions.jsonl (one object per evaluated example)."""
-    (directory / name).write_text(json.dumps({"metrics": result.metrics, "n": len(result.predictions)}, indent=2))
-    with open(directory / "predictions.jsonl", "w") as handle:
-        for record in result.predictions:
-            handle.write(json.dumps(record) + "\n")
 
 
 def attach_log_file(path: Path) -> logging.Handler:
