@@ -91,7 +91,7 @@ def peft_model(config: RunConfig) -> nn.Module:
 
 
 def loralab_side(config: RunConfig, features: list[dict], pad_id: int) -> Run:
-    """loralab's own loop (`training.loop.train`) with the `none` rule, advanced `steps` at a time."""
+    """loralab's own loop (`training.loop.optimizer_steps`) with the `none` rule, advanced `steps` at a time."""
     model, _ = load_model(config.model, "causal_lm")
     model = build_adapter(config.method.adapter, "causal_lm").apply(model)
     return loop_side(model, NoRule(), config.train, features, pad_id)
