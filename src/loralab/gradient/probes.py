@@ -4,7 +4,8 @@ For a LoRA branch y = s·B A x̃, the forward hooks keep x̃ (input of A) and u 
 their outputs receive ∂L/∂u and ∂L/∂(B u) = s·δ during backward. The window shares of the weight gradients are
 then grouped matmuls over the tokens of each window's examples:
     c_B[k] = Σ_{t∈k} (s·δ_t) u_tᵀ          c_A[k] = Σ_{t∈k} (∂L/∂u_t) x̃_tᵀ
-which sum over k to exactly what autograd puts into B.grad and A.grad. Padding tokens have δ = 0.
+which sum over k to exactly what autograd puts into B.grad and A.grad. Padding tokens have δ = 0. The vectorized
+route of docs/methods/shake_align.md §1.
 """
 
 from __future__ import annotations

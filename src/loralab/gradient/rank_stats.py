@@ -4,7 +4,7 @@ x is the LoRA layer's input (before dropout) and g = ∂L/∂y its output gradie
 float32, since Σ_g underflows in half precision while B ≈ 0. Only tokens whose attention mask is 1 count,
 unless padding is counted on purpose. Hooks exist only during a `recording` pass, so other steps pay nothing.
 Under data parallelism each recorded moment is summed over processes before it is folded in, so every process
-holds the statistics of the whole micro-batch.
+holds the statistics of the whole micro-batch. GRIT's component (1): docs/methods/grit.md §1.
 """
 
 from __future__ import annotations
