@@ -227,6 +227,49 @@ def arithmetic_row(rng: random.Random) -> Row:
     return {"question": " ".join(sentences), "answer": "\n".join([*lines, f"#### {total}"])}
 
 
+# ---- one-step arithmetic: a single addition or subtraction, small enough for a tiny model trained from scratch ----
+
+# (sentence stating the start, sentence adding, sentence removing, question); {a} starts, {b} changes it
+PHRASINGS = {
+    "has": (
+        "{name} has {a} {item}.",
+        "{name} finds {b} more.",
+        "{name} gives {b} away.",
+        "How many now?",
+    ),
+    "box": (
+        "A box holds {a} {item}.",
+        "{name} puts in {b} more.",
+        "{name} takes out {b}.",
+        "How many are in the box?",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class OneStepArithmetic:
+    """GSM8K-format problems of one addition or subtraction of two numbers in [low, high] under a phrasing.
+
+    The answer is one rationale line and the '#### N' line; a subtraction never goes below zero.
+    """
+
+    low: int
+    high: int
+    phrasing: str
+
+    def __call__(self, rng: random.Random) -> Row:
+        """One problem: 'start', 'add' or 'remove' sentence, question; answer 'a + b = c' or 'a - b = c'."""
+        start, add, remove, question = PHRASINGS[self.phrasing]
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        a, b = rng.randint(self.low, self.high), rng.randint(self.low, self.high)
+        subtract = rng.random() < 0.5
+        if subtract and b > a:
+            a, b = b, a
+        change, sign, result = (remove, "-", a - b) if subtract else (add, "+", a + b)
+        text = " ".join(s.format(name=name, item=item, a=a, b=b) for s in (start, change, question))
+        return {"question": text, "answer": f"{a} {sign} {b} = {result}\n#### {result}"}
+
+
 # ---- squad: a passage about two people, a question about one fact, the answer a span of the passage ----
 
 HOMES = ["{name} lives in {city}.", "These days {name} lives in {city}.", "{name} has lived in {city} for years."]
@@ -386,6 +429,8 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = 
     },
     "synthetic/entailment": (entailment_row, ("sentence1",)),
     "synthetic/arithmetic": (arithmetic_row, ("question",)),
+    "synthetic/arithmetic_simple": (OneStepArithmetic(low=1, high=20, phrasing="has"), ("question",)),
+    "synthetic/arithmetic_shifted": (OneStepArithmetic(low=5, high=25, phrasing="box"), ("question",)),
     "synthetic/squad": (squad_row, ("context", "question")),
     "synthetic/summarization": (summarization_row, ("document",)),
     "text/synthetic": (text_row, ("text",)),
@@ -395,6 +440,8 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {  # (train, eval) rows generated wh
     **{f"synthetic/sentiment-{n}": (2000, 500) for n in SENTIMENT_LEVELS},
     "synthetic/entailment": (2000, 500),
     "synthetic/arithmetic": (2000, 200),
+    "synthetic/arithmetic_simple": (4000, 200),
+    "synthetic/arithmetic_shifted": (2000, 200),
     "synthetic/squad": (2000, 200),
     "synthetic/summarization": (2000, 200),
     "text/synthetic": (4000, 200),
