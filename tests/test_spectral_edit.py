@@ -353,8 +353,9 @@ def test_cli_edit_with_unit_factors_keeps_delta_w_and_refuses_a_non_empty_out_di
     capsys.readouterr()
     assert main(edit_argv(source, out)) == 2
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
-    assert main(edit_argv(source, out, *unit[4:], "--overwrite")) == 0
-    assert json.loads((out / "spectral_edit_meta.json").read_text())["meta"]["mode"] == "gd"
+    assert main(edit_argv(source, out, *unit[4:], "--overwrite", "--calib_tokenization", "published")) == 0
+    meta = json.loads((out / "spectral_edit_meta.json").read_text())["meta"]
+    assert meta["mode"] == "gd" and meta["calib_tokenization"] == "published"
 
 
 # ---- §6 evaluation before and after, and the same prompts through `loralab eval` ------------------------
