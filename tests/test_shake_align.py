@@ -19,7 +19,7 @@ from loralab.gradient import NoRule
 from loralab.gradient.votes import flatten_parts
 from loralab.tracking import read_metrics
 from loralab.training.checkpoint import list_checkpoints
-from loralab.training.loop import BatchOrder
+from loralab.training.loop import BatchOrder, model_loss
 from loralab.training.recipe import prepare, run_training
 
 pytestmark = pytest.mark.slow
@@ -60,8 +60,7 @@ def window_votes(parts, batch, windows):
     core, extension = {}, {}
     views = parts.adapter.lora_modules(parts.model)
     for start, end in windows:
-        piece = {k: v[start:end] for k, v in batch.items()}
-        loss = parts.model(**piece).loss
+        loss = model_loss(parts.model, {k: v[start:end] for k, v in batch.items()})
         for name, view in views.items():
             gA, gB = torch.autograd.grad(loss, [view.A, view.B], retain_graph=True)
             c, e = flatten_parts(gA, gB, view.split)
@@ -81,7 +80,7 @@ def rule_votes(parts, batch, grad_accum: int = 1):
         rule.compute_gradients(
             parts.model, micro, lambda m, b: m(**b).loss, lambda loss, w=weight: (loss * w).backward()
         )
-    weights = torch.tensor([(e - s) / rule.windows[-1][1] for s, e in rule.windows], dtype=torch.float64)
+    weights = rule.window_weights()
     return {name: block.parts(weights) for name, block in rule.buffers.items()}
 
 
@@ -184,19 +183,87 @@ def test_corrections_change_training(tmp_path):
     assert any(not torch.allclose(corrected[n], plain[n]) for n in corrected)
 
 
-def test_upstream_reproduces_the_scaffold_gradient_scale(tmp_path):
-    """compat=upstream, no correction: .grad = Σ_k v_k = V × the batch gradient for equal windows (head too)."""
-    config = config_for(tmp_path, "method.gradient.compat=upstream", "method.gradient.correction.mode=none")
+def window_sum_gradients(model, batch: dict, windows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """The scaffold's `.grad`: Σ_k of each window's mean-loss gradient, for every trainable parameter (head too)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for start, end in windows:
+        loss = model_loss(model, {k: v[start:end] for k, v in batch.items()})
+        for name, grad in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            total[name] += grad
+    return total
+
+
+@pytest.mark.parametrize(
+    ("samples_per_vote", "allow_tail", "windows"),
+    [
+        (8, "true", [(0, 8), (8, 16), (16, 24), (24, 32)]),
+        (5, "true", [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30), (30, 32)]),
+        (5, "false", [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 32)]),
+    ],
+)
+def test_upstream_reproduces_the_scaffold_gradient_sum(tmp_path, samples_per_vote, allow_tail, windows):
+    """compat=upstream, no correction: .grad = Σ_k g_k over windows for every parameter, the task head included,
+    also when the windows are unequal (where V × the batch gradient is not the scaffold's)."""
+    config = config_for(
+        tmp_path,
+        "method.gradient.compat=upstream",
+        "method.gradient.correction.mode=none",
+        f"method.gradient.samples_per_vote={samples_per_vote}",
+        f"method.gradient.allow_tail={allow_tail}",
+    )
     parts = prepare(config)
     batch = first_batch(parts, config)
-    parts.model(**batch).loss.backward()
-    expected = {n: p.grad.clone() * 4 for n, p in parts.model.named_parameters() if p.requires_grad}
-    parts.model.zero_grad(set_to_none=True)
+    expected = window_sum_gradients(parts.model, batch, windows)
+    batch_scaled = {n: len(windows) * g for n, g in window_sum_gradients(parts.model, batch, [(0, 32)]).items()}
     rule_votes(parts, batch)
     parts.rule.before_step(0)
+    assert parts.rule.windows == windows and any("classifier" in name for name in expected)
     for name, param in parts.model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-7)
+    old_rule_passes = all(torch.allclose(batch_scaled[n], expected[n], rtol=1e-4, atol=1e-7) for n in expected)
+    assert old_rule_passes == (samples_per_vote == 8)  # V × the batch gradient is the scaffold's for equal windows only
+
+
+CAUSAL = ("model.name=tiny-llama", "task.name=synthetic/arithmetic", "task.max_length=256", "task.train_samples=16")
+
+
+@pytest.mark.parametrize("route", ["vectorized", "microbatch"])
+@pytest.mark.parametrize(("grad_accum", "samples_per_vote"), [(1, 3), (2, 2)])
+def test_causal_lm_votes_are_window_token_means(tmp_path, route, grad_accum, samples_per_vote):
+    """Windows with different numbers of answer tokens: each vote is the gradient of its window's mean loss over
+    tokens, w_k its token share, and (default compat, one micro-batch) .grad the batch mean-over-tokens gradient."""
+    config = config_for(
+        tmp_path,
+        *CAUSAL,
+        "train.batch_size=8",
+        f"train.grad_accum={grad_accum}",
+        f"method.gradient.route={route}",
+        f"method.gradient.samples_per_vote={samples_per_vote}",
+        "method.gradient.correction.mode=none",
+    )
+    parts = prepare(config)
+    batch = first_batch(parts, config)
+    expected = window_sum_gradients(parts.model, batch, [(0, 8)])
+    votes = rule_votes(parts, batch, grad_accum)
+    windows = parts.rule.windows
+    tokens = np.array([int((batch["labels"][s:e, 1:] != -100).sum()) for s, e in windows], dtype=np.float64)
+    examples = np.array([e - s for s, e in windows], dtype=np.float64)
+    assert np.abs(tokens / tokens.sum() - examples / examples.sum()).max() > 0.02  # token and example shares differ
+    if grad_accum == 1:
+        np.testing.assert_allclose(parts.rule.window_weights().numpy(), tokens / tokens.sum(), rtol=1e-12)
+    core, extension = window_votes(parts, batch, windows)
+    for name, (rule_core, rule_ext) in votes.items():
+        for ours, reference in ((rule_core, core[name]), (rule_ext, extension[name])):
+            reference = np.stack(reference)
+            error = np.linalg.norm(ours.numpy() - reference) / np.linalg.norm(reference)
+            assert error <= 1e-5, (name, error)
+    if grad_accum == 1:
+        parts.rule.before_step(0)
+        for name, param in parts.model.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-8)
 
 
 def test_resume_restores_the_rule_state(tmp_path):

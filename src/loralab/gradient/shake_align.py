@@ -267,7 +267,7 @@ class ShakeAlign(RuleDefaults):
         w_k, its share of the batch loss (micro-batches are weighted by their rows, in the loop and in the HF trainer).
         """
         units = loss_units(batch)
-        units = units.clamp_min(1) if isinstance(units, Tensor) else max(units, 1)  # no units: zero shares, no NaN
+        units = units.double().clamp_min(1) if isinstance(units, Tensor) else max(units, 1)  # none: zero shares, no NaN
         shares = [loss_units({"labels": batch["labels"][start:end]}) / units for _, start, end in pieces]
         for (window, _, _), share in zip(pieces, shares, strict=True):
             self.units[window] += batch["labels"].shape[0] * share
