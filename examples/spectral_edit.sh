@@ -8,6 +8,8 @@
 #   BASE=meta-llama/Llama-2-7b-hf ADAPTER=LoRA-TMLR-2024/metamath-lora-rank-64-alpha-128 TASK=gsm8k \
 #   EVAL_SAMPLES=-1 FEWSHOT=5 BACKEND=vllm bash examples/spectral_edit.sh
 # (tiny-llama has 1,024 positions, so the offline default is zero-shot with a 64-token budget.)
+# The random tiny-llama cannot do arithmetic (every accuracy here is 0): examples/arithmetic_spectral.sh edits
+# adapters on an arithmetic base where accuracy can move.
 set -euo pipefail
 
 BASE=${BASE:-tiny-llama}
