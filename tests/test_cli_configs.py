@@ -86,7 +86,7 @@ def test_a_file_wins_over_a_packaged_name(tmp_path, monkeypatch):
     ("value", "message"),
     [
         ("quickstrat", "config file not found: quickstrat (did you mean 'quickstart'?)"),
-        ("mine.yaml", "config file not found: mine.yaml; packaged experiments: grit_alpaca, "),
+        ("mine.yaml", "config file not found: mine.yaml; packaged experiments: arithmetic_base, arithmetic_shifted, "),
     ],
 )
 def test_an_unknown_config_is_one_line_with_the_names(value, message, capsys):

@@ -29,6 +29,8 @@ SYNTHETIC = [
     "synthetic/sentiment-1",
     "synthetic/sentiment-2",
     "synthetic/sentiment-3",
+    "synthetic/arithmetic_simple",
+    "synthetic/arithmetic_shifted",
     "text/synthetic",
 ]
 KEY = {  # the columns whose text decides a row's split
@@ -38,6 +40,8 @@ KEY = {  # the columns whose text decides a row's split
     "synthetic/squad": ("context", "question"),
     "synthetic/summarization": ("document",),
     **{f"synthetic/sentiment-{n}": ("sentence",) for n in (1, 2, 3)},
+    "synthetic/arithmetic_simple": ("question",),
+    "synthetic/arithmetic_shifted": ("question",),
     "text/synthetic": ("text",),
 }
 QUESTION_TYPES = ("Who ", "Where ", "How many ", "What colour ", "What did ")
@@ -114,6 +118,9 @@ def test_load_task_gives_default_sizes_and_first_n_examples():
         "synthetic/arithmetic": (2000, 200),
         "synthetic/squad": (2000, 200),
         "synthetic/summarization": (2000, 200),
+        **{f"synthetic/sentiment-{n}": (2000, 500) for n in (1, 2, 3)},
+        "synthetic/arithmetic_simple": (4000, 200),
+        "synthetic/arithmetic_shifted": (2000, 200),
         "text/synthetic": (4000, 200),
     }
     small = load_task(task("synthetic/sentiment", train=40, evaluation=7))
