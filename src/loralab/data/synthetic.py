@@ -102,7 +102,7 @@ class SentimentLevel:
 
 SENTIMENT_LEVELS = {
     1: SentimentLevel(negations=2, contrast=0.5, distractors=1, noise=0.0),
-    2: SentimentLevel(negations=2, contrast=0.5, distractors=1, noise=0.2),  # level 1's passages, 1 in 5 flipped
+    2: SentimentLevel(negations=2, contrast=0.5, distractors=1, noise=0.12),  # level 1's passages, 12 % flipped
     3: SentimentLevel(negations=3, contrast=0.7, distractors=2, noise=0.1),
 }
 
