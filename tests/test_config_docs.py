@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +23,8 @@ from loralab.config.reference import (
 )
 from loralab.config.registry import ADAPTER_OPTIONS, GRADIENT_OPTIONS
 from loralab.config.schema import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout under test, wherever loralab is installed
 
 
 def dataclasses_of(cls: type) -> list[type]:
@@ -45,11 +48,11 @@ def test_every_field_has_a_one_line_help(cls):
 
 
 def test_docs_config_md_is_current():
-    assert DOCS_FILE.read_text() == docs_markdown(), "run: python -m loralab.config.reference --write"
+    assert (REPO / DOCS_FILE).read_text() == docs_markdown(), "run: python -m loralab.config.reference --write"
 
 
 def test_readme_key_tables_are_current():
-    readme = README_FILE.read_text()
+    readme = (REPO / README_FILE).read_text()
     assert readme_block() in readme, "run: python -m loralab.config.reference --write"
     assert with_readme_block(readme) == readme
 

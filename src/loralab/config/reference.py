@@ -22,9 +22,7 @@ from loralab.config.registry import ADAPTER_OPTIONS, GRADIENT_OPTIONS, Registry
 from loralab.config.schema import RunConfig
 from loralab.errors import ConfigError, did_you_mean
 
-ROOT = Path(__file__).resolve().parents[3]
-DOCS_FILE = ROOT / "docs" / "config.md"
-README_FILE = ROOT / "README.md"
+DOCS_FILE, README_FILE = Path("docs/config.md"), Path("README.md")  # relative to the repository checkout
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 AXES: dict[str, Registry[type]] = {"adapter": ADAPTER_OPTIONS, "gradient": GRADIENT_OPTIONS}
 HOW_TO_ADD_A_KIND = """## Adding an adapter kind or a gradient rule
@@ -234,20 +232,22 @@ def with_readme_block(readme: str) -> str:
     return head + readme_block() + tail
 
 
-def stale_files() -> list[Path]:
-    """The generated files whose content differs from what the schema renders now."""
+def stale_files(root: Path) -> list[Path]:
+    """The generated files under the checkout `root` whose content differs from what the schema renders now."""
+    docs, readme_file = root / DOCS_FILE, root / README_FILE
     stale = []
-    if not DOCS_FILE.is_file() or DOCS_FILE.read_text() != docs_markdown():
+    if not docs.is_file() or docs.read_text() != docs_markdown():
         stale.append(DOCS_FILE)
-    readme = README_FILE.read_text()
+    readme = readme_file.read_text()
     if with_readme_block(readme) != readme:
         stale.append(README_FILE)
     return stale
 
 
-def write_files() -> None:
-    DOCS_FILE.write_text(docs_markdown())
-    README_FILE.write_text(with_readme_block(README_FILE.read_text()))
+def write_files(root: Path) -> None:
+    """Rewrite docs/config.md and the README's generated block in the checkout `root`."""
+    (root / DOCS_FILE).write_text(docs_markdown())
+    (root / README_FILE).write_text(with_readme_block((root / README_FILE).read_text()))
 
 
 # ---- explain --------------------------------------------------------------------------------------
@@ -312,13 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate or check docs/config.md and the README's key tables.")
     parser.add_argument("--write", action="store_true", help="rewrite the generated files")
     parser.add_argument("--check", action="store_true", help="exit 1 when a generated file is stale")
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="the repository checkout (default: here)")
     args = parser.parse_args(argv)
     if args.write:
-        write_files()
+        write_files(args.root)
         return 0
-    stale = stale_files()
+    stale = stale_files(args.root)
     for path in stale:
-        print(f"stale: {path.relative_to(ROOT)} (run python -m loralab.config.reference --write)", file=sys.stderr)
+        print(f"stale: {path} (run python -m loralab.config.reference --write)", file=sys.stderr)
     if args.check:
         return 1 if stale else 0
     print(docs_markdown(), end="")
