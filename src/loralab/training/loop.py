@@ -323,14 +323,16 @@ def optimizer_steps(
 ) -> Iterator[Step]:
     """Take batches from `state` on and yield after each, until `state.step` reaches `steps`; `state` advances.
 
-    A non-finite loss or gradient skips the batch (no optimizer step; `state.bad_steps` counts it). The next
+    A non-finite loss or gradient skips the batch (no optimizer step; `state.bad_steps` counts it). On CUDA the next
     batches are collated by a background thread (`Prefetcher`); closing the generator ends that thread.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()
     forward = torch.compile(model) if cfg.compile else model  # training forwards only: evaluation stays eager
     start, pin = (state.epoch, state.position), accelerator.device.type == "cuda"
-    batches = Prefetcher(prepared_batches(features, order, start, cfg.batch_size // cfg.grad_accum, pad_token_id, pin))
+    prepared = prepared_batches(features, order, start, cfg.batch_size // cfg.grad_accum, pad_token_id, pin)
+    # collate ahead only on CUDA, where it overlaps the GPU's work; on a CPU the thread competes with the step (~9 %)
+    batches = Prefetcher(prepared) if pin else prepared
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
     try:
         while state.step < steps:
