@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import re
@@ -16,9 +17,11 @@ from loralab.data.synthetic import (
     NEGATIVE,
     POSITIVE,
     SENTIMENT_LEVELS,
+    SENTIMENT_WORDS,
     SentimentLevel,
     generate,
     graded_sentiment_row,
+    made_up_adjectives,
 )
 
 # the reader's own vocabulary, written out here rather than imported, so a drift in the generator shows up
@@ -27,15 +30,16 @@ NEGATED = re.compile(r"\b(was not|is not|was never|did not seem|never felt|was h
 REPORTED = re.compile(r"^(a friend said|my neighbour thought|the critics wrote|a colleague claimed) that ")
 
 
-def clause_reading(clause: str) -> tuple[int, int]:
+def clause_reading(clause: str, lexicon: int = 0) -> tuple[int, int]:
     """(sentiment, negation count) of one clause: the adjective's polarity flipped once per negation."""
     clause, depth = clause.lower(), 0  # "I would not claim that" keeps its capital inside a sentence
     while clause.startswith(FRAMES):
         frame = next(f for f in FRAMES if clause.startswith(f))
         clause, depth = clause[len(frame) :], depth + 1
     depth += len(NEGATED.findall(clause))
-    (adjective,) = [word for word in clause.split() if word in POSITIVE or word in NEGATIVE]
-    return int(adjective in POSITIVE) ^ (depth % 2), depth
+    positive, negative = made_up_adjectives(lexicon) if lexicon else (POSITIVE, NEGATIVE)
+    (polarity,) = {int(word in positive) for word in re.findall(r"[a-z]+", clause) if word in {*positive, *negative}}
+    return polarity ^ (depth % 2), depth  # one polarity per clause, however many adjectives name it
 
 
 def deciding_clause(sentence: str) -> tuple[str, list[str]]:
@@ -55,15 +59,15 @@ def deciding_clause(sentence: str) -> tuple[str, list[str]]:
     return sentence, [sentence]
 
 
-def read_passage(passage: str) -> dict[str, int]:
+def read_passage(passage: str, lexicon: int = 0) -> dict[str, int]:
     """The label a careful reader gives a passage, with the counts of its difficulty features."""
     sentences = [s[0].lower() + s[1:] for s in passage.removesuffix(".").split(". ")]
     main = [s for s in sentences if not REPORTED.match(s)]
     assert len(main) == 1, passage
     decided, clauses = deciding_clause(main[0])
-    depths = [clause_reading(clause)[1] for clause in clauses]
+    depths = [clause_reading(clause, lexicon)[1] for clause in clauses]
     return {
-        "label": clause_reading(decided)[0],
+        "label": clause_reading(decided, lexicon)[0],
         "distractors": len(sentences) - 1,
         "concession": int(len(clauses) == 2),
         "max_depth": max(depths),
@@ -83,10 +87,15 @@ def test_the_generator_is_deterministic_per_seed():
     assert generate("synthetic/sentiment-3", "eval", 100) == generate("synthetic/sentiment-3", "eval", 100)
 
 
-@pytest.mark.parametrize("level", sorted(SENTIMENT_LEVELS))
-def test_noise_free_labels_are_what_a_reader_of_the_passage_says(level):
-    for row in rows(replace(SENTIMENT_LEVELS[level], noise=0.0)):
-        assert read_passage(row["sentence"])["label"] == row["label"], row
+GRADED = {f"synthetic/sentiment-{n}": knobs for n, knobs in SENTIMENT_LEVELS.items()}
+GRADED["synthetic/sentiment-words"] = SENTIMENT_WORDS
+
+
+@pytest.mark.parametrize("name", sorted(GRADED))
+def test_noise_free_labels_are_what_a_reader_of_the_passage_says(name):
+    knobs = GRADED[name]
+    for row in rows(replace(knobs, noise=0.0)):
+        assert read_passage(row["sentence"], knobs.lexicon)["label"] == row["label"], row
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.3])
@@ -99,23 +108,24 @@ def test_the_noise_rate_is_the_measured_share_of_flipped_labels(rate):
 
 
 def test_the_packaged_levels_flip_their_stated_share():
-    for n, level in SENTIMENT_LEVELS.items():
-        train = generate(f"synthetic/sentiment-{n}", "train", 2000)
-        flipped = sum(read_passage(row["sentence"])["label"] != row["label"] for row in train) / len(train)
+    for name, level in GRADED.items():
+        train = generate(name, "train", 2000)
+        flipped = sum(read_passage(row["sentence"], level.lexicon)["label"] != row["label"] for row in train)
+        flipped /= len(train)
         assert abs(flipped - level.noise) < 3 * (level.noise * (1 - level.noise) / 2000) ** 0.5 + 0.005
 
 
-@pytest.mark.parametrize("level", sorted(SENTIMENT_LEVELS))
-def test_each_level_shows_its_difficulty_features_up_to_its_limits(level):
-    knobs = SENTIMENT_LEVELS[level]
-    readings = [read_passage(row["sentence"]) for row in rows(knobs)]
+@pytest.mark.parametrize("name", sorted(GRADED))
+def test_each_level_shows_its_difficulty_features_up_to_its_limits(name):
+    knobs = GRADED[name]
+    readings = [read_passage(row["sentence"], knobs.lexicon) for row in rows(knobs)]
     assert {r["distractors"] for r in readings} == set(range(knobs.distractors + 1))
     assert max(r["max_depth"] for r in readings) == knobs.negations
     concessions = sum(r["concession"] for r in readings) / len(readings)
     assert abs(concessions - knobs.contrast) < 0.03
 
 
-def test_difficulty_grows_with_the_level():
+def test_difficulty_grows_with_the_numbered_level():
     means = []
     for n in sorted(SENTIMENT_LEVELS):
         readings = [read_passage(row["sentence"]) for row in rows(SENTIMENT_LEVELS[n])]
@@ -130,3 +140,24 @@ def test_the_graded_tasks_load_as_declared_two_class_tasks():
     assert data.spec.label_names == ("negative", "positive")
     assert {example.label for example in data.train} == {0, 1} and len(data.eval) == 50
     assert not {e.text for e in data.train} & {e.text for e in data.eval}
+
+
+def test_the_words_task_teaches_made_up_polarities_three_to_a_deciding_clause():
+    positive, negative = made_up_adjectives(SENTIMENT_WORDS.lexicon)
+    vocabulary = {*positive, *negative}
+    assert len(positive) == len(negative) == SENTIMENT_WORDS.lexicon // 2 == len(vocabulary) // 2
+    assert not vocabulary & {*POSITIVE, *NEGATIVE}
+    assert made_up_adjectives(SENTIMENT_WORDS.lexicon) == (positive, negative)  # cached, and seeded by its size
+
+    def deciding_words(passage: str) -> list[str]:
+        (main,) = [s for s in passage.lower().removesuffix(".").split(". ") if not REPORTED.match(s)]
+        return [word for word in re.findall(r"[a-z]+", main) if word in vocabulary]
+
+    train = generate("synthetic/sentiment-words", "train", 2000)
+    seen = collections.Counter(word for row in train for word in deciding_words(row["sentence"]))
+    assert len(seen) >= 0.97 * SENTIMENT_WORDS.lexicon  # each word decides about 6 passages (Poisson: a few none)
+    for row in generate("synthetic/sentiment-words", "eval", 500):
+        words = deciding_words(row["sentence"])
+        assert len(set(words)) == SENTIMENT_WORDS.adjectives
+        assert {int(word in positive) for word in words} == {row["label"]}
+        assert any(seen[word] for word in words)  # every eval passage has a word that training passages decide by

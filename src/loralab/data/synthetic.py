@@ -17,7 +17,7 @@ import string
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 from loralab.data.tasks import Row
 from loralab.errors import DataError
@@ -98,6 +98,8 @@ class SentimentLevel:
     contrast: float  # chance of a concession: a clause of the opposite sentiment, before or after the deciding one
     distractors: int  # 0..distractors extra sentences reporting someone else's opinion, which never counts
     noise: float  # share of labels flipped, chosen by a hash of the passage (so the same passage keeps its label)
+    lexicon: int = 0  # 0: common English adjectives; n: n made-up adjectives whose polarity only the data teaches
+    adjectives: int = 1  # adjectives of one polarity in the deciding clause ("was duze and kapi")
 
 
 SENTIMENT_LEVELS = {
@@ -105,13 +107,31 @@ SENTIMENT_LEVELS = {
     2: SentimentLevel(negations=2, contrast=0.5, distractors=1, noise=0.12),  # level 1's passages, 12 % flipped
     3: SentimentLevel(negations=3, contrast=0.7, distractors=2, noise=0.1),
 }
+# the other axis: no structure to learn, but 1,000 made-up polarity words, three of them in each deciding clause
+SENTIMENT_WORDS = SentimentLevel(negations=0, contrast=0.0, distractors=1, noise=0.0, lexicon=1000, adjectives=3)
 
 
-def negated_clause(rng: random.Random, label: int, depth: int) -> str:
-    """A clause whose sentiment is `label` under `depth` stacked negations: the adjective's polarity is
+@cache
+def made_up_adjectives(size: int) -> tuple[list[str], list[str]]:
+    """`size` pronounceable non-words (two or three consonant-vowel syllables), half positive and half negative,
+    the same in every process: a model cannot know their polarity from pretraining, so it learns it word by
+    word from the training split, and held-out accuracy grows smoothly with how many words it has learned."""
+    rng, words = random.Random(f"made-up adjectives {size}"), {}  # a dict keeps the order
+    while len(words) < size:
+        word = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
+        words[word] = None
+    ordered = list(words)
+    return ordered[: size // 2], ordered[size // 2 :]
+
+
+def negated_clause(rng: random.Random, label: int, depth: int, lexicon: int = 0, adjectives: int = 1) -> str:
+    """A clause whose sentiment is `label` under `depth` stacked negations: the adjectives' polarity is
     `label` flipped once per negation, the first negation on the verb and the rest as framing phrases."""
     subject, polarity = rng.choice(SUBJECTS), label ^ (depth % 2)
-    adjective = rng.choice(POSITIVE if polarity else NEGATIVE)
+    positive, negative = made_up_adjectives(lexicon) if lexicon else (POSITIVE, NEGATIVE)
+    pool = positive if polarity else negative
+    words = [rng.choice(pool)] if adjectives == 1 else rng.sample(pool, adjectives)  # one draw keeps levels 1-3
+    adjective = " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
     verb = rng.choice(NEGATED_VERBS if depth else VERBS)
     clause = f"{subject} {verb} {rng.choice(INTENSIFIERS)}{adjective}"
     for _ in range(depth - 1):
@@ -122,13 +142,13 @@ def negated_clause(rng: random.Random, label: int, depth: int) -> str:
 def graded_sentiment_row(rng: random.Random, level: SentimentLevel) -> Row:
     """Distractor sentences around one main sentence whose deciding clause (maybe conceded against) sets the label."""
     label = rng.randrange(2)
-    main = negated_clause(rng, label, rng.randint(0, level.negations))
+    main = negated_clause(rng, label, rng.randint(0, level.negations), level.lexicon, level.adjectives)
     if rng.random() < level.contrast:
-        conceded = negated_clause(rng, 1 - label, rng.randint(0, level.negations))
+        conceded = negated_clause(rng, 1 - label, rng.randint(0, level.negations), level.lexicon)
         main = rng.choice(CONCESSIONS).format(c=conceded, d=main)
     sentences = [main]
     for _ in range(rng.randint(0, level.distractors)):
-        reported = negated_clause(rng, rng.randrange(2), rng.randint(0, 1))
+        reported = negated_clause(rng, rng.randrange(2), rng.randint(0, 1), level.lexicon)
         sentences.insert(rng.randint(0, len(sentences)), f"{rng.choice(REPORTERS)} {reported}")
     passage = " ".join(sentence[0].upper() + sentence[1:] + "." for sentence in sentences)
     return {"sentence": passage, "label": label ^ flipped(passage, level.noise)}
@@ -427,6 +447,7 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = 
         f"synthetic/sentiment-{n}": (partial(graded_sentiment_row, level=level), ("sentence",))
         for n, level in SENTIMENT_LEVELS.items()
     },
+    "synthetic/sentiment-words": (partial(graded_sentiment_row, level=SENTIMENT_WORDS), ("sentence",)),
     "synthetic/entailment": (entailment_row, ("sentence1",)),
     "synthetic/arithmetic": (arithmetic_row, ("question",)),
     "synthetic/arithmetic_simple": (OneStepArithmetic(low=1, high=20, phrasing="has"), ("question",)),
@@ -437,7 +458,7 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = 
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {  # (train, eval) rows generated when task.*_samples is null
     "synthetic/sentiment": (2000, 500),
-    **{f"synthetic/sentiment-{n}": (2000, 500) for n in SENTIMENT_LEVELS},
+    **{f"synthetic/sentiment-{n}": (2000, 500) for n in [*SENTIMENT_LEVELS, "words"]},
     "synthetic/entailment": (2000, 500),
     "synthetic/arithmetic": (2000, 200),
     "synthetic/arithmetic_simple": (4000, 200),
