@@ -112,7 +112,7 @@ SENTIMENT_WORDS = SentimentLevel(negations=0, contrast=0.0, distractors=1, noise
 
 
 @cache
-def made_up_adjectives(size: int) -> tuple[list[str], list[str]]:
+def made_up_adjectives(size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """`size` pronounceable non-words (two or three consonant-vowel syllables), half positive and half negative,
     the same in every process: a model cannot know their polarity from pretraining, so it learns it word by
     word from the training split, and held-out accuracy grows smoothly with how many words it has learned."""
@@ -120,7 +120,7 @@ def made_up_adjectives(size: int) -> tuple[list[str], list[str]]:
     while len(words) < size:
         word = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
         words[word] = None
-    ordered = list(words)
+    ordered = tuple(words)  # a tuple: the cached value is shared by every caller
     return ordered[: size // 2], ordered[size // 2 :]
 
 
