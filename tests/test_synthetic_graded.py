@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import random
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -14,6 +17,7 @@ import pytest
 from conftest import task
 from loralab.data import load_task
 from loralab.data.synthetic import (
+    GRADED_SENTIMENT,
     NEGATIVE,
     POSITIVE,
     SENTIMENT_LEVELS,
@@ -87,13 +91,9 @@ def test_the_generator_is_deterministic_per_seed():
     assert generate("synthetic/sentiment-3", "eval", 100) == generate("synthetic/sentiment-3", "eval", 100)
 
 
-GRADED = {f"synthetic/sentiment-{n}": knobs for n, knobs in SENTIMENT_LEVELS.items()}
-GRADED["synthetic/sentiment-words"] = SENTIMENT_WORDS
-
-
-@pytest.mark.parametrize("name", sorted(GRADED))
+@pytest.mark.parametrize("name", sorted(GRADED_SENTIMENT))
 def test_noise_free_labels_are_what_a_reader_of_the_passage_says(name):
-    knobs = GRADED[name]
+    knobs = GRADED_SENTIMENT[name]
     for row in rows(replace(knobs, noise=0.0)):
         assert read_passage(row["sentence"], knobs.lexicon)["label"] == row["label"], row
 
@@ -108,16 +108,16 @@ def test_the_noise_rate_is_the_measured_share_of_flipped_labels(rate):
 
 
 def test_the_packaged_levels_flip_their_stated_share():
-    for name, level in GRADED.items():
+    for name, level in GRADED_SENTIMENT.items():
         train = generate(name, "train", 2000)
         flipped = sum(read_passage(row["sentence"], level.lexicon)["label"] != row["label"] for row in train)
         flipped /= len(train)
         assert abs(flipped - level.noise) < 3 * (level.noise * (1 - level.noise) / 2000) ** 0.5 + 0.005
 
 
-@pytest.mark.parametrize("name", sorted(GRADED))
+@pytest.mark.parametrize("name", sorted(GRADED_SENTIMENT))
 def test_each_level_shows_its_difficulty_features_up_to_its_limits(name):
-    knobs = GRADED[name]
+    knobs = GRADED_SENTIMENT[name]
     readings = [read_passage(row["sentence"], knobs.lexicon) for row in rows(knobs)]
     assert {r["distractors"] for r in readings} == set(range(knobs.distractors + 1))
     assert max(r["max_depth"] for r in readings) == knobs.negations
@@ -147,7 +147,19 @@ def test_the_words_task_teaches_made_up_polarities_three_to_a_deciding_clause():
     vocabulary = {*positive, *negative}
     assert len(positive) == len(negative) == SENTIMENT_WORDS.lexicon // 2 == len(vocabulary) // 2
     assert not vocabulary & {*POSITIVE, *NEGATIVE}
-    assert made_up_adjectives(SENTIMENT_WORDS.lexicon) == (positive, negative)  # cached, and seeded by its size
+    # the same words in a fresh process with another hash seed: the vocabulary does not depend on set or str hashing
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from loralab.data.synthetic import made_up_adjectives as m; print(m({SENTIMENT_WORDS.lexicon}))",
+        ],
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert fresh.stdout.strip() == repr((positive, negative))
 
     def deciding_words(passage: str) -> list[str]:
         (main,) = [s for s in passage.lower().removesuffix(".").split(". ") if not REPORTED.match(s)]

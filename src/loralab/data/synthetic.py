@@ -109,6 +109,10 @@ SENTIMENT_LEVELS = {
 }
 # the other axis: no structure to learn, but 1,000 made-up polarity words, three of them in each deciding clause
 SENTIMENT_WORDS = SentimentLevel(negations=0, contrast=0.0, distractors=1, noise=0.0, lexicon=1000, adjectives=3)
+GRADED_SENTIMENT = {  # task name → knobs
+    **{f"synthetic/sentiment-{n}": level for n, level in SENTIMENT_LEVELS.items()},
+    "synthetic/sentiment-words": SENTIMENT_WORDS,
+}
 
 
 @cache
@@ -130,8 +134,11 @@ def negated_clause(rng: random.Random, label: int, depth: int, lexicon: int = 0,
     subject, polarity = rng.choice(SUBJECTS), label ^ (depth % 2)
     positive, negative = made_up_adjectives(lexicon) if lexicon else (POSITIVE, NEGATIVE)
     pool = positive if polarity else negative
-    words = [rng.choice(pool)] if adjectives == 1 else rng.sample(pool, adjectives)  # one draw keeps levels 1-3
-    adjective = " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+    if adjectives == 1:
+        adjective = rng.choice(pool)  # one draw, as before the knob existed: levels 1-3 keep their passages
+    else:
+        *first, last = rng.sample(pool, adjectives)
+        adjective = f"{', '.join(first)} and {last}"
     verb = rng.choice(NEGATED_VERBS if depth else VERBS)
     clause = f"{subject} {verb} {rng.choice(INTENSIFIERS)}{adjective}"
     for _ in range(depth - 1):
@@ -443,11 +450,7 @@ def text_row(rng: random.Random) -> Row:
 
 GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = {  # (row maker, key columns)
     "synthetic/sentiment": (sentiment_row, ("sentence",)),
-    **{
-        f"synthetic/sentiment-{n}": (partial(graded_sentiment_row, level=level), ("sentence",))
-        for n, level in SENTIMENT_LEVELS.items()
-    },
-    "synthetic/sentiment-words": (partial(graded_sentiment_row, level=SENTIMENT_WORDS), ("sentence",)),
+    **{name: (partial(graded_sentiment_row, level=level), ("sentence",)) for name, level in GRADED_SENTIMENT.items()},
     "synthetic/entailment": (entailment_row, ("sentence1",)),
     "synthetic/arithmetic": (arithmetic_row, ("question",)),
     "synthetic/arithmetic_simple": (OneStepArithmetic(low=1, high=20, phrasing="has"), ("question",)),
@@ -458,7 +461,7 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], Row], tuple[str, ...]]] = 
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {  # (train, eval) rows generated when task.*_samples is null
     "synthetic/sentiment": (2000, 500),
-    **{f"synthetic/sentiment-{n}": (2000, 500) for n in [*SENTIMENT_LEVELS, "words"]},
+    **dict.fromkeys(GRADED_SENTIMENT, (2000, 500)),
     "synthetic/entailment": (2000, 500),
     "synthetic/arithmetic": (2000, 200),
     "synthetic/arithmetic_simple": (4000, 200),
