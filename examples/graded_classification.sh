@@ -23,9 +23,11 @@ sweep=(loralab sweep --config src/loralab/configs/experiments/quickstart.yaml --
   --set io.root="$ROOT" --seeds "$SEEDS")
 # full fine-tuning runs one at a time beside the LoRA sweep's two: three processes share the two cores, and
 # both sweeps end at about the same time
+mkdir -p "$(dirname "$ROOT")"  # for the full sweep's log beside $ROOT
 if [ -n "$FULL" ]; then
   "${sweep[@]}" --set method.name="$FULL" --set train.lr="$FULL_LR" --jobs 1 > "$ROOT.full.log" 2>&1 &
   full_sweep=$!
+  trap 'kill "$full_sweep" 2>/dev/null || true' EXIT  # a failed or interrupted LoRA sweep stops it too
 fi
 "${sweep[@]}" --grid method.name="$METHODS" --jobs 2
 if [ -n "$FULL" ]; then
