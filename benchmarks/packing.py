@@ -27,7 +27,6 @@ run in a thread paused between blocks (`train_step.Blocks`).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from loralab.gradient import NoRule
 from loralab.models import load_model
 from loralab.training.loop import BatchOrder, LengthGroupedOrder, TrainState, optimizer_steps, prepare_for_loop
 from loralab.training.optim import build_optimizer, build_scheduler
-from train_step import SCHEDULE_STEPS, TRAINER_ARGUMENTS, Blocks, device, peft_model
+from train_step import SCHEDULE_STEPS, Blocks, device, peft_model, trainer_arguments
 
 PADDED, PACKED, GROUPED = "loralab padded", "loralab packed", "loralab grouped"
 TRAINER, TRL = "HF Trainer + PEFT padded", "TRL SFTTrainer packed"
@@ -125,25 +124,6 @@ def trainer_run(trainer: Trainer) -> Run:
         return [sum(times) / sum(counting.tokens.popleft() for _ in times)]
 
     return run
-
-
-def trainer_arguments(kind: type[TrainingArguments], config: RunConfig, **extra) -> TrainingArguments:
-    """The Trainer sides' arguments: the loop's batch, AdamW, schedule and clipping; no logging or saving."""
-    cfg = config.train
-    return kind(
-        output_dir=tempfile.mkdtemp(prefix="packing-side-"),
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        max_steps=SCHEDULE_STEPS,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=0,
-        use_cpu=device().type == "cpu",
-        **TRAINER_ARGUMENTS,
-        **extra,
-    )
 
 
 def trainer_side(config: RunConfig, features: list[dict], order: BatchOrder, pad_id: int) -> Run:

@@ -178,10 +178,10 @@ class Blocks(TrainerCallback):
         return list(self.times)
 
 
-def trainer_side(config: RunConfig, features: list[dict], pad_id: int) -> Run:
-    """`transformers.Trainer` on the same PEFT model, batch, AdamW, schedule and clipping."""
+def trainer_arguments(kind: type[TrainingArguments], config: RunConfig, **extra) -> TrainingArguments:
+    """The Trainer sides' arguments: the loop's batch, AdamW, schedule and clipping; no logging or saving."""
     cfg = config.train
-    arguments = TrainingArguments(
+    return kind(
         output_dir=tempfile.mkdtemp(prefix="trainer-side-"),
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr,
@@ -193,10 +193,15 @@ def trainer_side(config: RunConfig, features: list[dict], pad_id: int) -> Run:
         seed=0,
         use_cpu=device().type == "cpu",
         **TRAINER_ARGUMENTS,
+        **extra,
     )
+
+
+def trainer_side(config: RunConfig, features: list[dict], pad_id: int) -> Run:
+    """`transformers.Trainer` on the same PEFT model, batch, AdamW, schedule and clipping."""
     trainer = Trainer(
         model=peft_model(config),
-        args=arguments,
+        args=trainer_arguments(TrainingArguments, config),
         train_dataset=features,
         data_collator=partial(collate, pad_token_id=pad_id),
     )
