@@ -4,7 +4,7 @@ Each script measures its sides side by side in its one process (blocks alternati
 writes its comparisons with `--json`; this collects them into one markdown table: per side the median, mean, min
 and max (ms, MiB or tok/s), the count, the ratio to the comparison's reference and, where there is one, the
 target and whether it holds. `--quick` takes fewer steps and smaller shapes where a target stays meaningful
-(under 10 minutes on 2 CPU cores); without it the scripts run at the shapes the README's figures came from.
+(about 10 minutes on 2 CPU cores); without it the scripts run at the shapes the README's figures came from.
 
     python benchmarks/run_all.py [--quick] [--out FILE] [--only train_step grit ...] [--threads N]
 """
@@ -126,7 +126,7 @@ def report(command: str, results: dict[str, dict | None], seconds: float) -> str
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and smaller shapes (under 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and smaller shapes (~10 min, 2 cores)")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     parser.add_argument("--only", nargs="+", choices=[b.name for b in SUITE], help="run only these scripts")
     parser.add_argument("--threads", type=int, help="torch threads in every script (OMP_NUM_THREADS)")
