@@ -56,7 +56,7 @@ def set_covariances(rule, seed: int = 0, count: int = 10_000, spectrum_a=None, s
             ((rule.stats.a[name], spectrum_a), (rule.stats.g[name], spectrum_g))
         ):
             covariance.value.copy_(spd(rank, seed + 2 * i + j, spectrum))
-            covariance.count = count
+            covariance.tokens.fill_(count)
     rule.stats.version += 1
 
 
@@ -324,8 +324,8 @@ def test_a_module_short_of_samples_is_not_reprojected_and_one_sided_without_grad
     rule = parts.rule
     set_covariances(rule, spectrum_a=SPECTRUM, spectrum_g=[7.0, 6.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05])
     first, second = list(rule.views)[:2]
-    rule.stats.a[first].count = 99
-    rule.stats.g[second].count = 99
+    rule.stats.a[first].tokens.fill_(99)
+    rule.stats.g[second].tokens.fill_(99)
     A_first = rule.views[first].A.detach().clone()
     B_second = rule.views[second].B.detach().double().clone()
     rule.reproject(step=1)

@@ -109,14 +109,16 @@ def test_shake_align_reads_twice_per_step(tmp_path):
     assert len(parts.rule.windows) == 4
 
 
-def test_grit_reads_once_per_step_and_twice_more_per_covariance_recording(tmp_path):
-    """GRIT, preconditioning after its inversion at step 11: the guard's read every step; a recorded micro-batch (every
-    8th backward: the first of steps 13, 15, ...) finds its real tokens (one read) and the next micro-batch refreshes
-    the regularizer's weights (one read for every module), as the first after an inversion does (step 12). The run's
-    last step logs: the natural-gradient norm is read then."""
+def test_grit_reads_once_per_step_with_covariance_recordings_and_regularizer_refreshes(tmp_path):
+    """GRIT, preconditioning after its inversion at step 11: only the guard's read every step. A recorded micro-batch
+    (every 8th backward: the first of steps 13, 15, ...) weighs its tokens by the attention mask and counts them on
+    the device, and the next micro-batch refreshes the regularizer's weights on the device, as the first after an
+    inversion does (step 12): neither reads. The run's last step logs: the natural-gradient norm is read then."""
     reads, parts = reads_per_step(tmp_path, [*LLAMA, *GRIT], warmup=11)
     assert all(state.inverse_a is not None for state in parts.rule.modules.values())
-    assert reads == [2, 3, 1, 3, 1, 3, 1, 3, 1, 3 + 1]
+    assert parts.rule.stats.version == 11  # backwards 0, 8, ..., 80 recorded: 5 of them in the counted steps
+    assert parts.rule.cached_weights is not None and parts.rule.cached_weights[0][0] == 11
+    assert reads == [1] * (STEPS - 1) + [1 + 1]
 
 
 def test_prefetcher_yields_in_order_and_raises_the_threads_error():

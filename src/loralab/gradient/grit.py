@@ -149,7 +149,7 @@ class Grit(RuleDefaults):
         key = (self.stats.version, self.bases_version)
         if self.cached_weights is not None and self.cached_weights[0] == key:
             return self.cached_weights[1]
-        o, candidates = self.options, {}
+        o, weights = self.options, {}
         if o.lambda_kfac or o.lambda_reproj:
             for name, state in self.modules.items():
                 a, g, device = self.stats.a[name], self.stats.g[name], self.views[name].A.device
@@ -157,10 +157,7 @@ class Grit(RuleDefaults):
                 if o.lambda_reproj and state.basis_a is not None:
                     weight_a = weight_a + o.lambda_reproj * complement(state.basis_a)
                     weight_g = weight_g + o.lambda_reproj * complement(state.basis_g)
-                if a.count or state.basis_a is not None:
-                    candidates[name] = (weight_a, weight_g)
-        finite = finite_names(candidates)
-        weights = {name: pair for name, pair in candidates.items() if name in finite}
+                weights[name] = finite_or_zero(weight_a, weight_g)
         self.cached_weights = (key, weights)
         return weights
 
@@ -342,12 +339,12 @@ class Grit(RuleDefaults):
         self.bases_version += 1
 
 
-def finite_names(pairs: dict[str, tuple[Tensor, Tensor]]) -> set[str]:
-    """The names whose two tensors are finite everywhere, found in one host read for all of them."""
-    if not pairs:
-        return set()
-    flags = torch.stack([torch.stack([a.isfinite().all(), g.isfinite().all()]).all() for a, g in pairs.values()])
-    return {name for name, finite in zip(pairs, flags.tolist(), strict=True) if finite}
+def finite_or_zero(weight_a: Tensor, weight_g: Tensor) -> tuple[Tensor, Tensor]:
+    """A module's regularizer weights, or zeros (the module left out) where either is not finite: decided on the
+    device, since the weights are refreshed after every recording and a host read would wait for it. Before any
+    recording Σ is zero, so an unsampled module adds nothing either."""
+    finite = weight_a.isfinite().all() & weight_g.isfinite().all()
+    return torch.where(finite, weight_a, 0.0), torch.where(finite, weight_g, 0.0)
 
 
 def complement(basis: Tensor) -> Tensor:

@@ -25,56 +25,67 @@ log = logging.getLogger("loralab")
 
 
 class RunningCovariance:
-    """A running r×r second moment with its token count: cumulative token-weighted mean, or an EMA."""
+    """A running r×r second moment with its token count: cumulative token-weighted mean, or an EMA. The count lives
+    on the device beside the moment, so folding in a micro-batch never reads a value back to the host."""
 
     def __init__(self, rank: int, device: torch.device, ema: float | None) -> None:
         self.ema = ema
         self.value = torch.zeros(rank, rank, dtype=torch.float32, device=device)
-        self.count = 0
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, outer_sum: Tensor, tokens: int) -> None:
-        """Fold in Σ_t v vᵀ over `tokens` new tokens."""
-        if tokens == 0:
-            return
+    @property
+    def count(self) -> int:
+        """Tokens folded in so far (one host read: for inversion steps and checkpoints, not for every micro-batch)."""
+        return int(self.tokens)
+
+    def add(self, outer_sum: Tensor, tokens: Tensor | int) -> None:
+        """Fold in Σ_t v vᵀ over `tokens` new tokens (none: nothing changes)."""
         if self.value.device != outer_sum.device:  # attached before the model moved to its device
-            self.value = self.value.to(outer_sum.device)
-        if self.ema is None:
-            self.value.mul_(self.count / (self.count + tokens)).add_(outer_sum, alpha=1 / (self.count + tokens))
-        elif self.count == 0:
-            self.value.copy_(outer_sum / tokens)
-        else:
-            self.value.mul_(self.ema).add_(outer_sum, alpha=(1 - self.ema) / tokens)
-        self.count += tokens
+            self.value, self.tokens = self.value.to(outer_sum.device), self.tokens.to(outer_sum.device)
+        if not isinstance(tokens, Tensor):
+            tokens = self.tokens.new_full((), tokens)  # a fill on the device, not a host-to-device copy
+        total = self.tokens + tokens
+        if self.ema is None:  # the mean over every token so far: old mean × old share + new sum / total
+            denominator = total.clamp_min(1)
+            self.value.mul_((self.tokens / denominator).float()).add_(outer_sum * (1 / denominator).float())
+        else:  # the first tokens set the moment, later ones blend in; a micro-batch without tokens changes nothing
+            mean = outer_sum / tokens.clamp_min(1).float()
+            blended = torch.where(self.tokens == 0, mean, self.value * self.ema + mean * (1 - self.ema))
+            self.value.copy_(torch.where(tokens > 0, blended, self.value))
+        self.tokens = total
 
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value.clone(), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value.copy_(state["value"])
-        self.count = int(state["count"])
+        self.tokens = torch.full((), float(state["count"]), dtype=torch.float64, device=self.value.device)
 
 
-def global_moment(values: Tensor) -> tuple[Tensor, int]:
+def global_moment(values: Tensor, count: Tensor | int) -> tuple[Tensor, Tensor | int]:
     """Σ_t v vᵀ and the token count over every process's part of the micro-batch (as one process would see it)."""
     if collectives.world_size() == 1:
-        return values.T @ values, values.shape[0]
-    count = torch.tensor([values.shape[0]], dtype=values.dtype, device=values.device)
+        return values.T @ values, count
+    count = count.reshape(1).to(values.dtype) if isinstance(count, Tensor) else values.new_full((1,), count)
     total = collectives.all_sum(torch.cat([(values.T @ values).reshape(-1), count]))
-    return total[:-1].view(values.shape[1], values.shape[1]), int(total[-1])
+    return total[:-1].view(values.shape[1], values.shape[1]), total[-1]
 
 
 @dataclass(frozen=True)
 class KeptTokens:
-    """A recorded micro-batch's attention mask ([batch, tokens], bool) and the flat indices of its ones, found once
-    per recording rather than by a boolean selection (a device sync on a GPU) in every hook."""
+    """A recorded micro-batch's attention mask ([batch, tokens], bool), as a flat float weight per token (1 kept, 0
+    padding) and the kept count, both on the device: selecting the kept rows (`nonzero`, a boolean index) would
+    read the mask back to the host on a GPU."""
 
     mask: Tensor
-    rows: Tensor
+    weights: Tensor
+    count: Tensor
 
     @classmethod
     def of(cls, attention_mask: Tensor) -> KeptTokens:
         mask = attention_mask.bool()
-        return cls(mask, mask.reshape(-1).nonzero().squeeze(1))
+        weights = mask.reshape(-1).float()
+        return cls(mask, weights, weights.sum(dtype=torch.float64))
 
 
 class RankStatistics:
@@ -106,20 +117,18 @@ class RankStatistics:
             self.keep = None
             self.version += 1
 
-    def tokens(self, values: Tensor, keep: KeptTokens | None) -> Tensor:
-        """The rows of a [..., d] activation that count: all, or those under attention mask 1 ([batch, tokens]).
-
-        A layer that sees one row per example (a pooler on the first token) counts every row.
+    def counted(self, rows: Tensor, keep: KeptTokens | None) -> tuple[Tensor, Tensor | int]:
+        """Rank-space rows ([n, r], one per token) with the padding rows zeroed, and how many count: all, or those
+        under attention mask 1. A layer that sees one row per example (a pooler on the first token) counts every row.
         """
-        rows = values.reshape(-1, values.shape[-1])
         if keep is None or rows.shape[0] == keep.mask.shape[0]:
-            return rows
+            return rows, rows.shape[0]
         if keep.mask.numel() != rows.shape[0]:
             if not self.warned:
                 log.warning("GRIT: LoRA activations do not line up with the attention mask; counting every token")
                 self.warned = True
-            return rows
-        return rows.index_select(0, keep.rows)
+            return rows, rows.shape[0]
+        return rows * keep.weights.unsqueeze(1), keep.count
 
     def forward_hook(self, name: str, view: LoraView) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
@@ -129,16 +138,16 @@ class RankStatistics:
             self.seen.add(name)
             x, keep = (args[0] if args else kwargs["x"]), self.keep
             with torch.no_grad():
-                u = self.tokens(x.detach(), keep).float() @ view.A.detach().float().T
-                self.a[name].add(*global_moment(u))
+                u = x.detach().reshape(-1, x.shape[-1]).float() @ view.A.detach().float().T
+                self.a[name].add(*global_moment(*self.counted(u, keep)))
             output.register_hook(lambda gradient: self.add_gradient(name, view, gradient, keep))
 
         return hook
 
     def add_gradient(self, name: str, view: LoraView, gradient: Tensor, keep: KeptTokens | None) -> None:
         with torch.no_grad():
-            q = self.tokens(gradient, keep).float() @ view.B.detach().float()
-            self.g[name].add(*global_moment(q))
+            q = gradient.reshape(-1, gradient.shape[-1]).float() @ view.B.detach().float()
+            self.g[name].add(*global_moment(*self.counted(q, keep)))
 
     def state_dict(self) -> dict[str, Any]:
         return {
