@@ -27,6 +27,7 @@ from loralab.config.schema import TrainConfig
 from loralab.gradient.base import GradientRule
 from loralab.training.loop import BatchOrder, TrainState, optimizer_steps, prepare_for_loop
 from loralab.training.optim import build_optimizer, build_scheduler
+from tables import print_markdown
 
 Run = Callable[[int], list[float]]
 
@@ -254,18 +255,3 @@ MEMORY_NOTE = (
     "peak memory: each side alone in a fresh process after the same set-up; CUDA: peak allocated tensor bytes, "
     "CPU: peak RSS (VmHWM, reset after the side is built) over the RSS before it was built"
 )
-
-
-def markdown_table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
-    """A markdown table: the first `text_columns` columns left-aligned, the others (numbers) right-aligned."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "| " + " | ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in pairs) + " |"
-
-    return "\n".join([line(header), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, rows)])
-
-
-def print_markdown(header: list[str], rows: list[list[str]]) -> None:
-    print(markdown_table(header, rows))

@@ -36,12 +36,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from common import Run, alternate, comparison, loop_side, print_markdown, side_peak_mb, synthetic_features
+from common import Run, alternate, comparison, loop_side, side_peak_mb, synthetic_features
 from loralab.adapters import build_adapter
 from loralab.config import RunConfig, load_config
 from loralab.gradient import build_rule
 from loralab.models.load import nf4_config, reload_quantized
 from loralab.models.presets import tiny_config
+from tables import print_markdown
 
 METHODS = {
     "lora": ("LoRA", ["method.name=lora", "method.adapter.target_modules=all-linear"]),

@@ -15,9 +15,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,13 +56,13 @@ def plan(out: Path) -> list[Step]:
             "gpu-tests",
             "tests/test_gpu.py: bf16, NF4 QLoRA + plain PEFT reload, the three methods on CUDA, vLLM = HF greedy",
             [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider"],
-            230,
+            210,
         ),
         Step(
             "syncs",
             "device→host syncs per step of loralab's loop on CUDA (torch.cuda.set_sync_debug_mode), per method",
             [python, str(Path(__file__)), "syncs", "--json", str(out / "syncs.json")],
-            50,
+            80,
             "syncs.json",
         ),
         Step(
@@ -87,8 +90,12 @@ def prerequisites(dry_run: bool) -> dict:
         found["device"] = torch.cuda.get_device_name() if found["cuda"] else "no CUDA device"
         if not found["cuda"]:
             missing.append(f"a CUDA GPU (torch {torch.__version__} sees none)")
-    if not (dry_run or missing) and importlib.util.find_spec("liger_kernel") is None:
-        try_install("liger-kernel")  # only where it can run: Liger's kernels are Triton, GPU only
+    if not (dry_run or missing):
+        wheels = os.environ.get("GPU_CHECK_WHEELS")  # a machine without network: wheels brought along (docs/gpu.md)
+        if wheels:
+            try_install("--no-index", "--no-deps", *map(str, sorted(Path(wheels).glob("*.whl"))))
+        elif importlib.util.find_spec("liger_kernel") is None:
+            try_install("liger-kernel")  # only where it can run: Liger's kernels are Triton, GPU only
     found["optional_missing"] = [f"{name} ({use})" for name, use in OPTIONAL.items() if not importable(name)]
     return found
 
@@ -98,9 +105,9 @@ def importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def try_install(package: str) -> None:
+def try_install(*arguments: str) -> None:
     """`pip install` with a short limit, for what helps but is not needed (no network: fails in seconds)."""
-    command = [sys.executable, "-m", "pip", "install", "-q", "--retries", "0", "--timeout", "5", package]
+    command = [sys.executable, "-m", "pip", "install", "-q", "--retries", "0", "--timeout", "5", *arguments]
     with contextlib.suppress(subprocess.TimeoutExpired):
         subprocess.run(command, capture_output=True, timeout=60, check=False)
 
@@ -123,10 +130,16 @@ def run_step(step: Step, out: Path) -> dict:
     log = out / "logs" / f"{step.name}.log"
     started = time.perf_counter()
     with log.open("w") as handle:
+        # a session of its own, so a time-out also ends what the step started (vLLM's engine process holds the GPU)
+        process = subprocess.Popen(
+            step.command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            code = subprocess.run(step.command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=step.limit)
-            status = "passed" if code.returncode == 0 else f"failed (exit {code.returncode})"
+            code = process.wait(timeout=step.limit)
+            status = "passed" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             status = f"timed out after {step.limit} s"
     row = {"name": step.name, "status": status, "seconds": round(time.perf_counter() - started, 1)}
     if step.name == "gpu-tests":
@@ -181,7 +194,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def markdown(report: dict) -> str:
     """The report as markdown: the card, the steps, the tests, syncs per method, and the throughput table."""
-    from common import markdown_table
+    from tables import markdown_table
 
     found = report["prerequisites"]
     lines = [
@@ -488,9 +501,20 @@ class SyncSteps:
         self.steps.append(Counter(source(w.filename) for w in fresh if "synchroniz" in str(w.message)))
 
 
+SOURCES = ("loralab", "transformers", "peft", "accelerate", "torch")
+
+
+@functools.cache
+def package_directories() -> dict[str, str]:
+    """Each counted package's own directory (a checkout named `loralab` holding a venv must not claim torch)."""
+    found = {name: importlib.util.find_spec(name) for name in SOURCES}
+    return {name: str(Path(spec.origin).parent) + os.sep for name, spec in found.items() if spec and spec.origin}
+
+
 def source(filename: str) -> str:
-    for package in ("loralab", "transformers", "peft", "accelerate", "torch"):
-        if f"/{package}/" in filename:
+    """The counted package a warning's file belongs to, or "other"."""
+    for package, directory in package_directories().items():
+        if filename.startswith(directory):
             return package
     return "other"
 

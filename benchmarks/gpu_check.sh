@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh [--dry-run] [--out DIR]
 #
 # --dry-run plans and prints every step, skips those that need CUDA (saying so), and writes the report: seconds, on
-# a CPU. PYTHON names the interpreter (default: the repository's .venv, else python3).
+# a CPU. PYTHON names the interpreter (default: the repository's .venv, else python3); GPU_CHECK_WHEELS a folder of
+# wheels (bitsandbytes, liger-kernel) to install offline first.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -19,5 +20,9 @@ fi
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
   echo "gpu_check: missing: Python >= 3.10 ($PYTHON is $("$PYTHON" -V 2>&1))" >&2
   exit 2
+fi
+# a checkout where loralab is not installed (a lent machine with torch and transformers): import it from src/
+if ! "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("loralab") is None)'; then
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 exec "$PYTHON" benchmarks/gpu_check.py run "$@"

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from common import COLUMNS, comparison_rows, markdown_table
+from common import COLUMNS, comparison_rows
+from tables import markdown_table
 
 HERE = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from peft import PeftModel
@@ -90,7 +90,10 @@ class HfGenerator:
 class VllmGenerator:
     """vLLM: one engine for the base model, each adapter served as a LoRA request (CUDA; the `gpu` extra)."""
 
-    def __init__(self, base_model: str, adapters: Mapping[str, Path], dtype: str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self, base_model: str, adapters: Mapping[str, Path], dtype: str = "auto", seed: int = 0, **engine: Any
+    ) -> None:
+        """`engine`: further `vllm.LLM` arguments (`enforce_eager`, `gpu_memory_utilization`, ...)."""
         require_vllm()
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
@@ -103,6 +106,7 @@ class VllmGenerator:
             enable_lora=bool(adapters),
             max_loras=max(len(adapters), 1),
             max_lora_rank=vllm_lora_rank(adapters.values()),
+            **engine,
         )
         self.requests = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())}
 
