@@ -98,7 +98,7 @@ DATA_CASES = {
             ),
             "chat",
         ),
-        r"r\.jsonl, row 2: unknown role 'bot'; task\.roles maps assistant, system, user",
+        r"r\.jsonl, row 2: unknown role 'bot' \(the roles are system, user, assistant\); name it with task\.roles",
     ),
     "chat on an encoder": (
         lambda t: [

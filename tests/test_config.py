@@ -54,6 +54,8 @@ def test_switching_adapter_kind_drops_the_presets_other_keys():
         (["train.batch_size=2.5"], r"expected an integer"),
         (["train.warmup_ratio=1.5"], r"train.warmup_ratio: must be ≤ 1"),
         (["train.scheduler=cos"], r"one of 'linear', 'cosine', 'constant'"),
+        (["train.scheduler=cosin"], r"got 'cosin' \(did you mean 'cosine'\?\)$"),
+        (["task.format=classfication"], r"task.format: expected one of .* \(did you mean 'classification'\?\)$"),
         (["method.name=lorra"], r"unknown method preset 'lorra' \(did you mean 'lora'\?\)"),
         (["method.adapter.kind=dora"], r"unknown adapter kind 'dora'"),
         (["train.batch_size=10", "train.grad_accum=3"], r"multiple of train.grad_accum"),

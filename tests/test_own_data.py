@@ -16,6 +16,7 @@ from loralab.data import load_task, task_spec
 from loralab.data.chat import chat_prompt, resolve_chat_template
 from loralab.data.collate import collate
 from loralab.data.encode import encode_examples
+from loralab.errors import DataError
 from loralab.evaluation.evaluate import evaluate
 from loralab.models.presets import build_tiny, tiny_tokenizer
 
@@ -185,3 +186,65 @@ def test_packed_and_grouped_runs_resume_exactly(tmp_path, layout):
     assert weights.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=0)
+
+
+def test_csv_cells_are_read_as_written_and_an_empty_one_is_a_data_error(tmp_path):
+    """A CSV completion '007' or '10' is text, not the float 7.0 or 10.0; integer labels still work as text."""
+    (tmp_path / "bond.csv").write_text('instruction,output\n"Code for Bond",007\nTen,10\nHalf,0.5\n' + "x,1\n" * 7)
+    data = load_task(own(tmp_path / "bond.csv", "sft", template="plain"))
+    assert [e.target for e in data.train[:3]] == ["007", "10", "0.5"]
+    (tmp_path / "labels.csv").write_text("text,label\n" + "".join(f"t{i},{i % 3 * 5}\n" for i in range(12)))
+    labels = load_task(own(tmp_path / "labels.csv", "classification"))
+    assert labels.spec.label_names == ("0", "5", "10") and [e.label for e in labels.train[:3]] == [0, 1, 2]
+    (tmp_path / "gap.csv").write_text("instruction,output\na,1\nb,\n" + "c,2\n" * 8)
+    with pytest.raises(DataError, match=r"gap\.csv, row 2: no completion in column 'output'"):
+        load_task(own(tmp_path / "gap.csv", "sft", template="plain"))
+    (tmp_path / "blank.csv").write_text("text,label\nfine,a\n,b\n" + "x,a\n" * 8)
+    with pytest.raises(DataError, match=r"blank\.csv, row 2: no text in column 'text'"):
+        load_task(own(tmp_path / "blank.csv", "classification"))
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (['{"text": "a", "label": 1.5}', '{"text": "b", "label": "high"}'], r"row 2: label 'high' is not a number"),
+        (['{"text": "a", "label": 1.5}', '{"text": "b", "label": NaN}'], r"row 2: label nan is not a finite number"),
+    ],
+)
+def test_a_regression_label_must_be_a_finite_number(tmp_path, rows, message):
+    (tmp_path / "scores.jsonl").write_text("\n".join(rows + ['{"text": "c", "label": 2}'] * 8) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_task(own(tmp_path / "scores.jsonl", "regression"))
+
+
+def test_labels_the_names_do_not_hold_are_errors_not_silent_class_indices(tmp_path):
+    """Labels named 1 and 2: an eval label 0 is an error (before, it became class '1'); word names keep GLUE's
+    integer indices; a train split of one label cannot train a classifier."""
+    (tmp_path / "stars").mkdir()
+    (tmp_path / "stars/train.csv").write_text("text,stars\n" + "".join(f"t{i},{1 + i % 2}\n" for i in range(10)))
+    (tmp_path / "stars/validation.csv").write_text("text,stars\nawful,0\ngreat,2\n")
+    with pytest.raises(DataError, match=r"validation\.csv, row 1: label '0' is not in task\.label_names \(1, 2\)"):
+        load_task(own(tmp_path / "stars", "classification", columns={"label": "stars"}))
+    (tmp_path / "glue.jsonl").write_text(
+        "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(10))
+    )
+    glue = load_task(own(tmp_path / "glue.jsonl", "classification", label_names=["neg", "pos"]))
+    assert [e.reference for e in glue.train[:2]] == ["neg", "pos"]
+    (tmp_path / "one.csv").write_text("text,label\n" + "x,pos\n" * 10)
+    with pytest.raises(DataError, match=r"every label in column 'label' is 'pos'; a classifier needs two"):
+        load_task(own(tmp_path / "one.csv", "classification"))
+
+
+def test_unreadable_files_name_their_cause(tmp_path):
+    (tmp_path / "broken.json").write_text('[{"text": "a", "label": "x"},\n{"text": "b" "label": "y"}]')
+    with pytest.raises(DataError, match=r"cannot read .*broken\.json: (?!An error occurred).+"):
+        load_task(own(tmp_path / "broken.json", "classification"))
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1") + b"x,b\n" * 8)
+    with pytest.raises(DataError, match=r"latin\.csv: not UTF-8 text"):
+        load_task(own(tmp_path / "latin.csv", "classification"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/train.csv").write_text("text,label\n" + "x,a\ny,b\n" * 5)
+    with pytest.raises(DataError, match=r"d/eval\.csv not found \(task\.splits\.eval\)"):
+        load_task(own(tmp_path / "d", "classification", splits={"train": "train.csv", "eval": "eval.csv"}))
+    with pytest.raises(DataError, match=r"missing column 'txt' .*\(did you mean 'text'\?\)"):
+        load_task(own(tmp_path / "d", "classification", columns={"text": "txt"}, splits={"eval": None}))

@@ -257,8 +257,15 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
     """Return `value` converted to `hint` (int → float, '1e-4' → float), or raise a ConfigError."""
     converted = convert(value, hint)
     if converted is INVALID:
-        raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}{literal_hint(value, hint)}")
     return converted
+
+
+def literal_hint(value: Any, hint: Any) -> str:
+    """' (did you mean X?)' for a misspelt choice of a Literal field (possibly optional), else ''."""
+    options = [hint, *typing.get_args(hint)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    choices = [str(v) for option in options if typing.get_origin(option) is Literal for v in typing.get_args(option)]
+    return did_you_mean(value, choices) if isinstance(value, str) and choices else ""
 
 
 INVALID = object()

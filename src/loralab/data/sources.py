@@ -3,6 +3,7 @@ generator of a synthetic task; then rows → Examples, with label names inferred
 
 from __future__ import annotations
 
+import csv
 import glob
 import itertools
 import json
@@ -15,7 +16,7 @@ from loralab.config.schema import TaskConfig
 from loralab.config.tasks import DEFAULT_COLUMNS, REQUIRED_ROLES
 from loralab.data.synthetic import DEFAULT_SIZES, GENERATORS, generate
 from loralab.data.tasks import Example, Row, TaskData, TaskSpec, holdout_size, task_spec
-from loralab.errors import DataError, first_line
+from loralab.errors import DataError, did_you_mean, first_line
 
 READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 Rows = Sequence[Row]  # a list of dicts or a `datasets.Dataset` (iterating either yields rows as dicts)
@@ -64,8 +65,22 @@ def inferred_labels(cfg: TaskConfig, train: Rows, origin: str) -> tuple[str, ...
     values = {row.get(column) for row in itertools.islice(train, cfg.train_samples)} - {None}
     if not values:
         raise DataError(f"{origin}: no labels in column '{column}' to infer task.label_names from")
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    return tuple(str(v) for v in sorted(values, key=None if numeric else str))
+    if len(values) == 1:
+        raise DataError(f"{origin}: every label in column '{column}' is {next(iter(values))!r}; a classifier needs two")
+    numbers = [number(v) for v in values]
+    if all(n is not None for n in numbers):  # 2 before 10, also where a CSV gives them as text
+        return tuple(str(v) for _, v in sorted(zip(numbers, values, strict=True)))
+    return tuple(sorted(str(v) for v in values))
+
+
+def number(value: Any) -> float | None:
+    """A label as a number where it is one (1, 2.5, '10'), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def to_examples(spec: TaskSpec, rows: Rows, limit: int | None, origin: str) -> list[Example]:
@@ -144,6 +159,8 @@ def split_file(directory: Path, split: str, role: str) -> Path:
     found = [directory / f"{split}{suffix}" for suffix in READERS if (directory / f"{split}{suffix}").is_file()]
     if not found:
         hint = "; set task.splits.eval=null to hold out the end of train" if role == "eval" else ""
+        if Path(split).suffix:
+            raise DataError(f"{directory / split} not found (task.splits.{role}){hint}")
         raise DataError(f"no {split}.{{json,jsonl,csv,tsv,parquet}} file for the {split} split in {directory}{hint}")
     if len(found) > 1:
         raise DataError(f"several files for the {split} split in {directory}: {', '.join(f.name for f in found)}")
@@ -165,7 +182,9 @@ def read_files(cfg: TaskConfig, files: list[Path]) -> Any:
             raise DataError(f"{file} is empty")
     datasets.disable_progress_bars()  # a local file loads in a moment; its bars would only clutter the run's output
     suffix = files[0].suffix
-    options = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    options: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if suffix in (".csv", ".tsv"):  # every cell as written: '007' stays '007' (pandas would make it 7.0)
+        options["features"] = text_columns(files[0], options.get("delimiter", ","))
     origin = str(files[0]) if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
     datasets_log = logging.getLogger("datasets")
     level, datasets_log.level = datasets_log.level, logging.CRITICAL  # it logs each failure before raising it
@@ -174,11 +193,30 @@ def read_files(cfg: TaskConfig, files: list[Path]) -> Any:
     except Exception as exc:  # datasets raises many types for unreadable files
         if "corresponds to no data" in str(exc):  # a CSV header without rows
             raise DataError(f"{origin} holds no rows") from None
-        raise DataError(malformed_json_line(files) or f"cannot read {origin}: {first_line(exc)}") from None
+        raise DataError(malformed_json_line(files) or f"cannot read {origin}: {root_cause(exc)}") from None
     finally:
         datasets_log.level = level
     require_columns(cfg, table.column_names, origin)
     return table
+
+
+def text_columns(file: Path, delimiter: str) -> Any:
+    """Features that read every column of a CSV/TSV file (named by its header) as text."""
+    import datasets
+
+    try:
+        with open(file, encoding="utf-8-sig", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), [])
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    return datasets.Features({column: datasets.Value("string") for column in header})
+
+
+def root_cause(exc: BaseException) -> str:
+    """The first line of the innermost cause: `datasets` wraps a reader's own error in a generic one."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return first_line(exc)
 
 
 def malformed_json_line(files: list[Path]) -> str | None:
@@ -207,6 +245,6 @@ def require_columns(cfg: TaskConfig, columns: Sequence[str], origin: str) -> Non
         if role in optional and (cfg.columns or {}).get(role) is None:
             continue  # an optional role left at its default column name, which this data does not have
         raise DataError(
-            f"{origin}: missing column '{column}' (task.columns.{role}, format {cfg.format}); "
-            f"the data has: {', '.join(columns)}"
+            f"{origin}: missing column '{column}' (task.columns.{role}, format {cfg.format})"
+            f"{did_you_mean(column, columns)}; the data has: {', '.join(columns)}"
         )

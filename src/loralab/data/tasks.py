@@ -6,6 +6,7 @@ templates that rebuild a published prompt (gsm8k, squad, xsum, alpaca) are code,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,12 +143,40 @@ def cell(spec: TaskSpec, row: Row, role: str) -> Any:
 
 
 def label_index(spec: TaskSpec, value: Any) -> int:
-    """A label value as its class index: its position in label_names, else an integer class index in range."""
+    """A label value as its class index: its position in label_names, else an integer class index in range (as
+    the hub stores GLUE's labels), but only where the names are words: a 0 among labels named 1 and 2 is an error."""
     if str(value) in spec.label_names:
         return spec.label_names.index(str(value))
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(spec.label_names):
-        return value
+    index = class_index(value)
+    if index is not None and 0 <= index < len(spec.label_names) and not any(map(class_index, spec.label_names)):
+        return index
     raise DataError(f"label {value!r} is not in task.label_names ({', '.join(spec.label_names)})")
+
+
+def class_index(value: Any) -> int | None:
+    """An integer label (3, or '3' as a CSV holds it) as an int, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
+
+
+def required_text(spec: TaskSpec, row: Row, role: str) -> str:
+    """The text of a column role every row must fill: an empty cell is a data error, not the word 'None'."""
+    value = cell(spec, row, role)
+    if value is None:
+        raise DataError(f"no {role} in column '{spec.columns[role]}'")
+    return str(value)
+
+
+def score(value: Any) -> float:
+    """A regression label as a finite float."""
+    try:
+        label = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"label {value!r} is not a number") from None
+    if not math.isfinite(label):
+        raise DataError(f"label {value!r} is not a finite number")
+    return label
 
 
 def classification_example(spec: TaskSpec, row: Row, index: int) -> Example:
@@ -156,23 +185,29 @@ def classification_example(spec: TaskSpec, row: Row, index: int) -> Example:
     if value is None:
         raise DataError(f"no label in column '{spec.columns['label']}'")
     if spec.format == "regression":
-        label: int | float = float(value)
+        label: int | float = score(value)
         reference: Any = label
     else:
         label = label_index(spec, value)
         reference = spec.label_names[label]
     return Example(
-        row_id(row, index), str(cell(spec, row, "text")), cell(spec, row, "text_pair"), label, None, reference
+        row_id(row, index), required_text(spec, row, "text"), cell(spec, row, "text_pair"), label, None, reference
     )
 
 
 def sft_example(spec: TaskSpec, row: Row, index: int) -> Example:
     """A prompt (with its optional input) and the completion that carries the loss, through the SFT template."""
-    prompt, context, completion = (cell(spec, row, role) for role in ("prompt", "input", "completion"))
+    prompt, context, completion = (
+        required_text(spec, row, "prompt"),
+        cell(spec, row, "input"),
+        cell(spec, row, "completion"),
+    )
+    if completion is None:
+        raise DataError(f"no completion in column '{spec.columns['completion']}'")
     if spec.label_names:  # classification as generation: the completion is the label's word
         completion = spec.label_names[label_index(spec, completion)]
     if spec.template in SFT_TEMPLATES:
-        return SFT_TEMPLATES[spec.template](row_id(row, index), str(prompt), context or "", completion)
+        return SFT_TEMPLATES[spec.template](row_id(row, index), prompt, context or "", completion)
     body = spec.template.format(prompt=prompt, input=context or "")
     return Example(row_id(row, index), body, target=str(completion), reference=str(completion))
 
@@ -195,12 +230,15 @@ def chat_message(spec: TaskSpec, turn: Any) -> dict[str, str]:
     role_key, content_key = spec.keys["role"], spec.keys["content"]
     if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
         raise DataError(f"each message needs the keys '{role_key}' and '{content_key}' (task.keys)")
-    role = turn[role_key]
+    role, content = turn[role_key], turn[content_key]
     if role not in spec.roles:
+        known = ", ".join(spec.roles)
         raise DataError(
-            f"unknown role '{role}'; task.roles maps {', '.join(sorted(spec.roles))} to {', '.join(CHAT_ROLES)}"
+            f"unknown role '{role}' (the roles are {known}); name it with task.roles, e.g. task.roles.user={role}"
         )
-    return {"role": spec.roles[role], "content": str(turn[content_key])}
+    if content is None:
+        raise DataError(f"a '{role}' message has no '{content_key}'")
+    return {"role": spec.roles[role], "content": str(content)}
 
 
 def text_example(spec: TaskSpec, row: Row, index: int) -> Example:
