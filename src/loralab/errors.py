@@ -31,8 +31,14 @@ class RunError(LoraLabError):
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean X?)' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    """Return ' (did you mean X?)' for the closest choice, or '' when nothing is close.
+
+    Choices the name abbreviates come first ('acc' → 'accuracy', not the closer-spelled 'mcc'), then difflib's.
+    """
+    choices = list(choices)
+    extending = [choice for choice in choices if name and choice.startswith(name)]
+    pool, cutoff = (extending, 0.0) if extending else (choices, 0.6)
+    close = difflib.get_close_matches(name, pool, n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -14,11 +14,11 @@ from loralab.adapters.dual_rank import adapter_view
 from loralab.data.chat import chat_prompt, resolve_chat_template
 from loralab.data.collate import IGNORE_INDEX, collate
 from loralab.data.encode import encode_classification, encode_examples
-from loralab.data.tasks import Example
+from loralab.data.tasks import Example, TaskSpec
 from loralab.errors import LoraLabError
 from loralab.evaluation.generate import Generator, HfGenerator
 from loralab.evaluation.gsm8k import Gsm8kProfile, get_profile, score_outputs
-from loralab.evaluation.metrics import compute_metrics, extract_answer
+from loralab.evaluation.metrics import check_metrics, compute_metrics, extract_answer
 
 STOP_STRINGS = ("\n\nQuestion:", "Question:", "</s>", "<|im_end|>", "<|endoftext|>")  # generation tasks but GSM8K
 
@@ -27,6 +27,15 @@ STOP_STRINGS = ("\n\nQuestion:", "Question:", "</s>", "<|im_end|>", "<|endoftext
 class EvalResult:
     metrics: dict[str, float]
     predictions: list[dict]
+
+
+def check_task_metrics(spec: TaskSpec) -> None:
+    """Refuse a task.metrics name `evaluate` could not compute, so a run fails before training, not after.
+
+    GSM8K-style tasks are scored by eval.profile's metrics and text tasks by their loss: neither looks the names up.
+    """
+    if spec.answer != "gsm8k" and spec.format != "text":
+        check_metrics(spec.metrics)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from loralab.data.answers import UNANSWERABLE
-from loralab.errors import LoraLabError, unknown
+from loralab.errors import ConfigError, LoraLabError, unknown
 
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -111,15 +111,27 @@ def mcc(predictions: Sequence, references: Sequence) -> float:
     return float(matthews_corrcoef(references, predictions))
 
 
+def correlation_defined(predictions: Sequence[float], references: Sequence[float]) -> bool:
+    """Whether a correlation exists: at least 2 pairs and neither side constant (scipy raises or warns otherwise)."""
+    x, y = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
+    return x.size >= 2 and bool(np.ptp(x) > 0) and bool(np.ptp(y) > 0)
+
+
 def pearson(predictions: Sequence[float], references: Sequence[float]) -> float:
+    """Pearson's r (scipy); NaN where undefined, so a tiny or constant eval split does not fail the run."""
     from scipy.stats import pearsonr
 
+    if not correlation_defined(predictions, references):
+        return float("nan")
     return float(pearsonr(predictions, references)[0])
 
 
 def spearman(predictions: Sequence[float], references: Sequence[float]) -> float:
+    """Spearman's rho (scipy); NaN where undefined, as for pearson."""
     from scipy.stats import spearmanr
 
+    if not correlation_defined(predictions, references):
+        return float("nan")
     return float(spearmanr(predictions, references)[0])
 
 
@@ -171,6 +183,13 @@ def label_indices(values: Sequence, label_names: Sequence[str]) -> list:
     return [index.get(v, -1) if isinstance(v, str) else v for v in values]
 
 
+def check_metrics(names: Sequence[str]) -> None:
+    """Refuse a metric name that is not in METRICS; a run checks its task's before it trains, not after."""
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError(f"task.metrics: {unknown('metric', name, METRICS)}")
+
+
 def compute_metrics(
     names: Sequence[str], predictions: Sequence, references: Sequence, label_names: Sequence[str] = ()
 ) -> dict[str, float]:
@@ -178,9 +197,7 @@ def compute_metrics(
 
     With `label_names` (a classification task's, in index order) label words are scored as their indices.
     """
-    for name in names:
-        if name not in METRICS:
-            raise LoraLabError(unknown("metric", name, METRICS))
+    check_metrics(names)
     if len(predictions) != len(references):
         raise LoraLabError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +31,14 @@ from loralab.adapters.compress import compress_adapter
 from loralab.adapters.params import frozen_hash
 from loralab.config.load import config_hash, config_to_dict, dump_yaml
 from loralab.config.schema import RunConfig
-from loralab.data import TaskSpec, load_task
+from loralab.data import TaskSpec, load_task, task_spec
 from loralab.data.encode import encode_examples
 from loralab.data.packing import pack
 from loralab.diffusion import build_diffusion_adapter, load_diffusion_model
 from loralab.diffusion.data import encode_diffusion
 from loralab.errors import ConfigError, LoraLabError
 from loralab.evaluation.dispatch import evaluate_in_views
-from loralab.evaluation.evaluate import EvalResult
+from loralab.evaluation.evaluate import EvalResult, check_task_metrics
 from loralab.evaluation.records import stored_metrics, write_eval
 from loralab.gradient import GradientRule, build_rule
 from loralab.models import load_model
@@ -63,6 +65,9 @@ from loralab.training.rundir import environment, plan_run, write_status
 from loralab.training.sharding import ShardingPlan, blocks, prepare_sharded, read_plan, refuse_unshardable, shard_hash
 
 log = logging.getLogger("loralab")
+transcript = logging.getLogger("loralab.transcript")  # the progress lines, for train.log: the terminal has them
+transcript.propagate = False
+transcript.setLevel(logging.INFO)
 
 
 @dataclass
@@ -100,29 +105,27 @@ def run_training(
     `on_eval(step, metrics, last)` runs after every evaluation inside the loop; it may raise StopRun.
     """
     collectives.start()
-    plan = plan_run(config)
-    if plan.action == "skip":
-        log.info("run already completed, reusing its results: %s", plan.directory)
-        return RunOutcome(plan.directory, "skip", stored_metrics(plan.directory))
-    parts = prepare(config)  # everything that can fail on bad input, before the run directory is touched
-    collectives.barrier()  # every process has planned before the main one creates (or moves aside) the directory
-    main = collectives.is_main()
-    directory = plan.open() if main else plan.directory
-    collectives.barrier()
-    if not main:
-        return train(config, parts, directory, plan.action, False, None)
-    handler = attach_log_file(directory / "train.log")
-    try:
+    with run_log() as open_log:
+        plan = plan_run(config)
+        if plan.action == "skip":
+            log.info("run already completed, reusing its results: %s", plan.directory)
+            return RunOutcome(plan.directory, "skip", stored_metrics(plan.directory))
+        parts = prepare(config)  # everything that can fail on bad input, before the run directory is touched
+        collectives.barrier()  # every process has planned before the main one creates (or moves aside) the directory
+        main = collectives.is_main()
+        directory = plan.open() if main else plan.directory
+        collectives.barrier()
+        if not main:
+            return train(config, parts, directory, plan.action, False, None)
+        open_log(directory / "train.log")
         return train(config, parts, directory, plan.action, show_progress, on_eval)
-    finally:
-        logging.getLogger("loralab").removeHandler(handler)
-        handler.close()
 
 
 def prepare(config: RunConfig) -> RunParts:
     """Seed, load the task and model, apply the adapter, attach the gradient rule, encode the training set."""
     if config.eval.backend != "hf":
         raise ConfigError("eval.backend=vllm serves loralab eval and edit --eval; training evaluates with hf")
+    check_task_metrics(task_spec(config.task))  # a misspelt metric would otherwise fail only after training
     head = resolve_head(config.model.kind, config.task.format)
     diffusion = head == "masked_diffusion"
     adapter = (
@@ -229,7 +232,7 @@ def train(
         csv, diagnostics = MetricsCSV(directory / "metrics.csv"), RowsCSV(directory / f"{rule.name}.csv")
         run_name = f"{directory.parent.name}-{directory.name}"
         trackers = Trackers.start(config.log.trackers, directory, run_name, config_to_dict(config))
-        progress = ProgressReporter(steps, enabled=show_progress)
+        progress = ProgressReporter(steps, enabled=show_progress, transcript=transcript.info)
 
     def log(step: int, split: str, metrics: dict[str, float]) -> None:
         """One row of metrics.csv, the same values to the trackers, and the progress line."""
@@ -349,8 +352,32 @@ def train(
     return RunOutcome(directory, action, final.metrics)
 
 
-def attach_log_file(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("loralab").addHandler(handler)
-    return handler
+@contextlib.contextmanager
+def run_log() -> Iterator[Callable[[Path], None]]:
+    """Collect a run's train.log: loralab's log records and the progress lines, until the context ends.
+
+    Records from before the run directory exists (planning, data encoding) are held until `open_log(path)` writes
+    them; a run that never opens its log (skipped, refused, another process's) writes nothing.
+    """
+    loralab_log = logging.getLogger("loralab")
+    held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    loralab_log.addHandler(held)
+    handlers: list[logging.Handler] = [held]
+
+    def open_log(path: Path) -> None:
+        file = logging.FileHandler(path)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        held.setTarget(file)
+        held.flush()
+        loralab_log.removeHandler(held)
+        loralab_log.addHandler(file)
+        transcript.addHandler(file)
+        handlers.append(file)
+
+    try:
+        yield open_log
+    finally:
+        for handler in handlers:
+            loralab_log.removeHandler(handler)
+            transcript.removeHandler(handler)
+            handler.close()
