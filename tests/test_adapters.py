@@ -508,8 +508,8 @@ LORA_DAMAGE = [
     ("adapter_model.safetensors", "delete", "adapter weights missing"),
     ("adapter_config.json", "{not json", "malformed JSON in"),
     ("adapter_config.json", "[1, 2]", "expected a JSON object"),
-    ("adapter_config.json", "{}", "cannot load adapter"),
-    ("adapter_config.json", '{"peft_type": "NOPE"}', "cannot load adapter"),
+    ("adapter_config.json", "{}", "has no peft_type: not a PEFT adapter config"),
+    ("adapter_config.json", '{"peft_type": "NOPE"}', "unknown PEFT type 'NOPE'"),
     ("adapter_config.json", "delete", "is not an adapter directory"),
     ("loralab.json", "{", "malformed JSON in"),
 ]

@@ -54,6 +54,16 @@ def test_without_config_the_quickstart_is_the_base_and_overrides_apply_on_top(mo
     assert capsys.readouterr().err == ""  # no notice: an error of a run with overrides stays one line
 
 
+def test_bare_overrides_on_both_sides_of_an_option_all_apply_the_last_winning(monkeypatch):
+    """`seed=1 --set train.lr=0.01 seed=2 train.epochs=1`: argparse takes only the first bare group as the
+    positional; the later one joins it, so both apply, in order, and bare overrides still beat --set."""
+    config = trained_config(monkeypatch, ["seed=1", "--set", "train.lr=0.01", "seed=2", "train.epochs=1"])
+    assert (config.seed, config.train.lr, config.train.epochs) == (2, 0.01, 1)
+    assert trained_config(monkeypatch, ["train.lr=0.5", "--set", "train.lr=0.01"]).train.lr == 0.5
+    with pytest.raises(SystemExit):
+        main(["train", "seed=1", "--bogus", "seed=2"])
+
+
 def test_the_readme_names_the_quickstart_hash(capsys):
     stated = re.search(r"`# config hash: ([0-9a-f]{8})`", README.read_text()).group(1)
     assert shown_hash(capsys, ["seed=1"]) == shown_hash(capsys, []), "the hash leaves the seed out"

@@ -28,6 +28,14 @@ def corrupt_adapter(tmp_path: Path) -> Path:
     return directory
 
 
+def adapter_config(tmp_path: Path, config: dict) -> Path:
+    """An adapter directory holding only this adapter_config.json."""
+    directory = tmp_path / "config-only"
+    directory.mkdir(exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
 def bad_json_adapter(tmp_path: Path) -> Path:
     directory = tmp_path / "badjson"
     directory.mkdir()
@@ -133,6 +141,10 @@ CASES = {
     "negative batch size": (lambda t: ["train", "train.batch_size=-4"], r"train.batch_size: must be ≥ 1"),
     "zero lr": (lambda t: ["train", "train.lr=0"], r"train.lr: must be > 0"),
     "unknown task": (lambda t: ["train", "task.name=glue/sst3", *TINY], r"unknown task 'glue/sst3'"),
+    "unknown metric": (  # refused before training, not after it
+        lambda t: ["train", "task.metrics=[acc]", *TINY],
+        r"task\.metrics: unknown metric 'acc' \(did you mean 'accuracy'\?\)$",
+    ),
     "unknown model": (lambda t: ["train", "model.name=tiny-lama"], r"tiny-llama"),
     "unknown preset": (lambda t: ["train", "method.name=loar"], r"did you mean 'lora'"),
     "missing config file": (lambda t: ["train", "--config", str(t / "missing.yaml")], r"config file not found"),
@@ -182,6 +194,77 @@ CASES = {
     "wrong head for task": (
         lambda t: ["train", "model.kind=causal_lm", *TINY],
         r"model.kind=causal_lm cannot run a classification task",
+    ),
+    "negative seed": (lambda t: ["train", "seed=-1", *TINY], r"seed: must be ≥ 0, got -1"),
+    "no samples to evaluate": (
+        lambda t: [
+            "eval",
+            "--base",
+            "tiny-bert",
+            "--adapter",
+            str(t),
+            "--task",
+            "synthetic/sentiment",
+            "--max-samples",
+            "0",
+        ],
+        r"argument --max-samples/--max_samples: must be ≥ 1, got 0",
+    ),
+    "overlapping spectral shares": (
+        lambda t: [
+            "edit",
+            "spectral",
+            "--base",
+            "tiny-llama",
+            "--adapter",
+            str(t),
+            "--out",
+            str(t / "edited"),
+            "--core-frac",
+            "0.9",
+            "--noise-frac",
+            "0.9",
+        ],
+        r"core_frac \+ noise_frac must be at most 1, got 0\.9 \+ 0\.9",
+    ),
+    "unknown edit device": (
+        lambda t: [
+            "edit",
+            "spectral",
+            "--base",
+            "tiny-llama",
+            "--adapter",
+            str(t),
+            "--out",
+            str(t / "edited"),
+            "--device",
+            "gpu0",
+        ],
+        r"device must be auto, cpu, cuda or cuda:N, got 'gpu0'",
+    ),
+    "unknown PEFT type": (
+        lambda t: [
+            "eval",
+            "--base",
+            "tiny-bert",
+            "--adapter",
+            str(adapter_config(t, {"peft_type": "FOOBAR"})),
+            "--task",
+            "synthetic/sentiment",
+        ],
+        r"adapter_config\.json: unknown PEFT type 'FOOBAR'",
+    ),
+    "adapter config without a PEFT type": (
+        lambda t: [
+            "eval",
+            "--base",
+            "tiny-bert",
+            "--adapter",
+            str(adapter_config(t, {"r": 8})),
+            "--task",
+            "synthetic/sentiment",
+        ],
+        r"adapter_config\.json has no peft_type: not a PEFT adapter config",
     ),
     "missing adapter dir": (
         lambda t: ["eval", "--base", "tiny-bert", "--adapter", str(t / "none"), "--task", "synthetic/sentiment"],

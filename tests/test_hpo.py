@@ -113,6 +113,14 @@ def test_bad_hpo_entries_are_one_line_config_errors(override, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_misspelt_space_key_is_named_before_what_the_sampler_lacks(tmp_path, capsys):
+    """TPE without hpo.n_trials and a typo in the space: the typo is the error (not 'hpo.n_trials is needed')."""
+    argv = ["hpo", "model.name=tiny-bert", f"io.root={tmp_path}", "hpo.space={train.lrr: [1.0e-4, 3.0e-4]}"]
+    assert main(argv) == 2
+    assert "has a bad config: unknown key 'train.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
 def test_grid_sampler_needs_choice_dimensions():
     space = "hpo.space={train.lr: {log_uniform: [1e-6, 1e-3]}, train.warmup_ratio: [0, 0.1]}"
     with pytest.raises(ConfigError, match=r"hpo.sampler=grid needs a choice list .*train.lr is log_uniform"):

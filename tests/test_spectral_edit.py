@@ -192,8 +192,13 @@ def test_published_tokenization_needs_an_sft_task(tmp_path):
         SpectralEdit("tiny-llama", "x", tmp_path, calib_tokenization="bos")
 
 
-def test_calibration_dtype_defaults_and_a_non_finite_sensitivity_is_refused(tmp_path):
+def test_calibration_dtype_defaults_and_a_non_finite_sensitivity_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice of dtype, not a GPU, is under test
     assert SpectralEdit("tiny-llama", "x", tmp_path, device="cuda").model_config().dtype == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device cuda:1: torch .* sees no CUDA device"):
+        SpectralEdit("tiny-llama", "x", tmp_path, device="cuda:1")
+    monkeypatch.undo()
     assert SpectralEdit("tiny-llama", "x", tmp_path, device="cpu").model_config().dtype == "float32"
     assert SpectralEdit("tiny-llama", "x", tmp_path, dtype="bfloat16").model_config().dtype == "bfloat16"
     finite = SpectralBasis.of(torch.nn.Identity(), torch.eye(2), torch.ones(2), torch.eye(2), 1.0)

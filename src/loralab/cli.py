@@ -21,8 +21,7 @@ GSM8K_PROFILES = ("lm-eval", "paper_math")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command(build_parser(), argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("loralab").setLevel(logging.INFO)
     try:
@@ -318,18 +317,47 @@ def parse_launched(command: list[str]) -> argparse.Namespace:
         raise LoraLabError("launch: no loralab command after '--' (e.g. loralab launch local -- train ...)")
     if command[0] == "launch":
         raise LoraLabError("launch: the launched command cannot be launch itself")
-    return build_parser().parse_args(command)
+    return parse_command(build_parser(), command)
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a command whose bare `a.b=v` overrides may stand on both sides of its options (`seed=1 --json
+    train.lr=0.1`): argparse takes only the first group as the positional, so the later ones join it, in order."""
+    args, extra = parser.parse_known_args(argv)
+    scattered = [word for word in extra if "=" in word and not word.startswith("-")]
+    if extra != scattered or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if scattered:
+        args.overrides = [*args.overrides, *scattered]
+    return args
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ `low` (argparse reports anything else in one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        return value
+
+    return parse
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """GSM8K-style evaluation flags; each sets an eval.* key (a flag left out keeps the config's value)."""
     flag = f"--{prefix.replace('_', '-')}"
-    parser.add_argument(f"{flag}fewshot", type=int, help="shots from the train split (default: the profile's, 5)")
+    parser.add_argument(
+        f"{flag}fewshot", type=at_least(0), help="shots from the train split (default: the profile's, 5)"
+    )
     parser.add_argument(f"{flag}profile", choices=GSM8K_PROFILES, help="prompting and scoring (default lm-eval)")
     parser.add_argument(f"{flag}backend", choices=("hf", "vllm"), help="generation backend (default hf)")
-    parser.add_argument(f"{flag}max-samples", type=int, help="evaluate the first N examples")
-    parser.add_argument(f"{flag}max-new-tokens", type=int, help="token budget (default: the profile's)")
-    parser.add_argument(f"{flag}batch-size", type=int, help="generation batch size (default 32)")
+    parser.add_argument(f"{flag}max-samples", type=at_least(1), help="evaluate the first N examples")
+    parser.add_argument(f"{flag}max-new-tokens", type=at_least(1), help="token budget (default: the profile's)")
+    parser.add_argument(f"{flag}batch-size", type=at_least(1), help="generation batch size (default 32)")
 
 
 def generation_overrides(args: argparse.Namespace, prefix: str = "") -> list[str]:
@@ -376,9 +404,9 @@ def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibration task (train split): a built-in sft/chat task or a YAML file with a task: section",
     )
     parser.add_argument("--calib-path", help="calibration data in the hub's schema (a file or directory)")
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration examples (default 32)")
-    parser.add_argument("--calib-batch-size", type=int, default=2, help="calibration batch size (default 2)")
-    parser.add_argument("--max-length", type=int, default=512, help="calibration token limit (default 512)")
+    parser.add_argument("--calib-samples", type=at_least(1), default=32, help="calibration examples (default 32)")
+    parser.add_argument("--calib-batch-size", type=at_least(1), default=2, help="calibration batch size (default 2)")
+    parser.add_argument("--max-length", type=at_least(1), default=512, help="calibration token limit (default 512)")
     parser.add_argument(
         "--calib-tokenization",
         default="loralab",

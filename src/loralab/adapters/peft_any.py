@@ -67,7 +67,7 @@ def load_peft_adapter(
 ) -> nn.Module:
     """Load a PEFT adapter directory onto a base model, failing in one line on missing/corrupt files."""
     directory = require_directory(directory)
-    read_json(directory / ADAPTER_CONFIG)
+    require_peft_type(directory / ADAPTER_CONFIG)
     check_safetensors(directory / ADAPTER_WEIGHTS)
     try:
         with peft_deprecations_silenced():
@@ -82,8 +82,24 @@ def load_peft_adapter(
             f"cannot load adapter {directory} onto this base model: some of its layers have no weights in the "
             "adapter file (was it trained on another architecture?)"
         ) from None
-    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+    except KeyError as exc:  # PEFT looks up a module or weight the base model does not have
+        raise AdapterError(
+            f"cannot load adapter {directory} onto this base model: it has no {exc.args[0]!r} (another task head "
+            "or architecture?)"
+        ) from None
+    except (ValueError, RuntimeError, TypeError) as exc:
         raise AdapterError(f"cannot load adapter {directory} onto this base model: {first_line(exc)}") from None
+
+
+def require_peft_type(config_file: Path) -> None:
+    """The adapter config names a PEFT type PEFT knows, or the load fails here in one line (not on a KeyError)."""
+    config = read_json(config_file)
+    if "peft_type" not in config:
+        raise AdapterError(f"{config_file} has no peft_type: not a PEFT adapter config")
+    try:
+        peft_config_class(str(config["peft_type"]))
+    except ConfigError as exc:
+        raise AdapterError(f"{config_file}: {str(exc).removeprefix('method.adapter.peft_type: ')}") from None
 
 
 def peft_config_class(peft_type: str) -> type:

@@ -784,8 +784,8 @@ class HpoConfig:
 class RunConfig:
     """A whole run: the seeds and one dataclass per section."""
 
-    seed: int = required(help="seed of the model's initialisation and of the run (names the seed directory)")
-    data_seed: int | None = required(help="seed of the order of training batches; null = seed")
+    seed: int = required(help="seed of the model's initialisation and of the run (names the seed directory)", min=0)
+    data_seed: int | None = required(help="seed of the order of training batches; null = seed", min=0)
     task: TaskConfig = required(help="what data trains and evaluates (docs/data.md)")
     model: ModelConfig = required(help="the base model")
     method: MethodConfig = required(help="the adapter and the gradient rule")

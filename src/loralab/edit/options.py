@@ -59,6 +59,8 @@ class EditRule:
         for name in ("core_frac", "noise_frac"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.core_frac + self.noise_frac > 1:  # the two shares would overlap and the edit undo itself
+            raise ConfigError(f"core_frac + noise_frac must be at most 1, got {self.core_frac} + {self.noise_frac}")
         for name in ("amp_factor", "sup_factor", "mid_factor", "sigma_clip_min"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -74,11 +74,18 @@ class SpectralEdit:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.calib_tokenization not in TOKENIZATIONS:
             raise ConfigError(f"calib_tokenization must be loralab or published, got {self.calib_tokenization!r}")
+        self.torch_device()  # an unknown device, or cuda where torch sees none, fails now and in one line
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device}: torch {torch.__version__} sees no CUDA device")
+        return device
 
     def model_config(self) -> ModelConfig:
         """The base model as calibrated: fp16 on a GPU (g within ~1e-3 of max|g| of float64 on a tiny model, bf16
@@ -155,7 +162,9 @@ def read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     """The adapter's config, its tensors and the safetensors metadata; DoRA adapters are refused."""
     config = read_json(directory / ADAPTER_CONFIG)
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{directory} is a {config['peft_type']} adapter; spectral edit needs a LoRA adapter")
+        kind = str(config["peft_type"])
+        article = "an" if kind[:1].upper() in "AEIOU" else "a"
+        raise AdapterError(f"{directory} is {article} {kind} adapter; spectral edit needs a LoRA adapter")
     if config.get("use_dora"):
         raise AdapterError(f"{directory} is a DoRA adapter: its magnitude vector makes ΔW non-linear in σ")
     check_safetensors(directory / ADAPTER_WEIGHTS)

@@ -183,7 +183,6 @@ def unique(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def single_plan(context: Context) -> StudyPlan:
     hpo = context.hpo
     dims = hpo_space.parse_space(hpo.space)
-    probe(context, (), [{key: value} for key, dim in dims.items() for value in dim.probes()])
     if hpo.sampler != "grid":
         return make_plan(context, context.name, dims, None, hpo.n_trials)
     points = hpo_space.grid_points(dims)
@@ -191,6 +190,12 @@ def single_plan(context: Context) -> StudyPlan:
         chosen = sorted(random.Random(hpo.seed).sample(range(len(points)), hpo.n_trials))
         points = [points[i] for i in chosen]
     return make_plan(context, context.name, dims, points, len(points))
+
+
+def probe_space(context: Context) -> None:
+    """Build a config for every probe value of every dimension of `hpo.space` (see `probe`)."""
+    dims = hpo_space.parse_space(context.hpo.space)
+    probe(context, (), [{key: value} for key, dim in dims.items() for value in dim.probes()])
 
 
 def probe(context: Context, stage: Sequence[str], points: Sequence[dict[str, Any]]) -> None:
@@ -219,6 +224,8 @@ def run_hpo(files: Sequence[str], overrides: Sequence[str], workers: int = 1) ->
         raise ConfigError(f"--workers must be ≥ 1, got {workers}")
     quiet_optuna()
     context = resolve(files, overrides)
+    if not (context.hpo.top_k or context.hpo.mode == "hierarchical"):
+        probe_space(context)  # a misspelt key in the space is what to say first, before what the search lacks
     hpo_space.check_search(context.hpo)
     if context.hpo.top_k:
         return [run_plan(top_k_plan(context), workers)]
