@@ -28,6 +28,26 @@ def corrupt_adapter(tmp_path: Path) -> Path:
     return directory
 
 
+def evaluate(adapter: Path, *flags: str) -> list[str]:
+    """`loralab eval` of an adapter directory on tiny-bert and synthetic/sentiment."""
+    return ["eval", "--base", "tiny-bert", "--adapter", str(adapter), "--task", "synthetic/sentiment", *flags]
+
+
+def spectral_edit(tmp_path: Path, *flags: str) -> list[str]:
+    """`loralab edit spectral` of the adapter at `tmp_path` on tiny-llama."""
+    return [
+        "edit",
+        "spectral",
+        "--base",
+        "tiny-llama",
+        "--adapter",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "edited"),
+        *flags,
+    ]
+
+
 def adapter_config(tmp_path: Path, config: dict) -> Path:
     """An adapter directory holding only this adapter_config.json."""
     directory = tmp_path / "config-only"
@@ -197,73 +217,23 @@ CASES = {
     ),
     "negative seed": (lambda t: ["train", "seed=-1", *TINY], r"seed: must be ≥ 0, got -1"),
     "no samples to evaluate": (
-        lambda t: [
-            "eval",
-            "--base",
-            "tiny-bert",
-            "--adapter",
-            str(t),
-            "--task",
-            "synthetic/sentiment",
-            "--max-samples",
-            "0",
-        ],
+        lambda t: evaluate(t, "--max-samples", "0"),
         r"argument --max-samples/--max_samples: must be ≥ 1, got 0",
     ),
     "overlapping spectral shares": (
-        lambda t: [
-            "edit",
-            "spectral",
-            "--base",
-            "tiny-llama",
-            "--adapter",
-            str(t),
-            "--out",
-            str(t / "edited"),
-            "--core-frac",
-            "0.9",
-            "--noise-frac",
-            "0.9",
-        ],
+        lambda t: spectral_edit(t, "--core-frac", "0.9", "--noise-frac", "0.9"),
         r"core_frac \+ noise_frac must be at most 1, got 0\.9 \+ 0\.9",
     ),
     "unknown edit device": (
-        lambda t: [
-            "edit",
-            "spectral",
-            "--base",
-            "tiny-llama",
-            "--adapter",
-            str(t),
-            "--out",
-            str(t / "edited"),
-            "--device",
-            "gpu0",
-        ],
+        lambda t: spectral_edit(t, "--device", "gpu0"),
         r"device must be auto, cpu, cuda or cuda:N, got 'gpu0'",
     ),
     "unknown PEFT type": (
-        lambda t: [
-            "eval",
-            "--base",
-            "tiny-bert",
-            "--adapter",
-            str(adapter_config(t, {"peft_type": "FOOBAR"})),
-            "--task",
-            "synthetic/sentiment",
-        ],
+        lambda t: evaluate(adapter_config(t, {"peft_type": "FOOBAR"})),
         r"adapter_config\.json: unknown PEFT type 'FOOBAR'",
     ),
     "adapter config without a PEFT type": (
-        lambda t: [
-            "eval",
-            "--base",
-            "tiny-bert",
-            "--adapter",
-            str(adapter_config(t, {"r": 8})),
-            "--task",
-            "synthetic/sentiment",
-        ],
+        lambda t: evaluate(adapter_config(t, {"r": 8})),
         r"adapter_config\.json has no peft_type: not a PEFT adapter config",
     ),
     "missing adapter dir": (
