@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from loralab.config import RunConfig, load_config
@@ -68,10 +71,15 @@ class HostReads(TorchFunctionMode):
         self.count = 0
 
 
-def reads_per_step(tmp_path: Path, overrides: list[str], warmup: int = 0) -> tuple[list[int], RunParts]:
-    """Host reads in each of `STEPS` steps that follow `warmup` uncounted ones, on the real loop; and the parts."""
+def reads_per_step(
+    tmp_path: Path, overrides: list[str], warmup: int = 0, before: Callable[[RunParts], None] | None = None
+) -> tuple[list[int], RunParts]:
+    """Host reads in each of `STEPS` steps that follow `warmup` uncounted ones, on the real loop; and the parts.
+    `before` sees the parts before training."""
     config: RunConfig = load_config([], [*COMMON, *overrides, f"io.root={tmp_path}"])
     parts = prepare(config)
+    if before is not None:
+        before(parts)
     accelerator = new_accelerator("no")
     model, optimizer = prepare_for_loop(accelerator, parts.model, build_optimizer(parts.model, config.train))
     parts.rule.bind_optimizer(optimizer)
@@ -101,12 +109,40 @@ def test_baseline_reads_once_per_step(tmp_path):
     assert reads == [1] * STEPS
 
 
-def test_shake_align_reads_twice_per_step(tmp_path):
-    """Shake-to-Align (4 votes a step): its statistics of every block in one read, then the guard's."""
-    ours = ["model.name=tiny-bert", "method.name=ours", "method.gradient.samples_per_vote=2"]
-    reads, parts = reads_per_step(tmp_path, [*ours, "method.adapter.dropout=0"])
-    assert reads == [2] * STEPS
+OURS = ["model.name=tiny-bert", "method.name=ours", "method.gradient.samples_per_vote=2", "method.adapter.dropout=0"]
+
+
+def test_shake_align_reads_once_per_step(tmp_path):
+    """Shake-to-Align (4 votes a step): its statistics of every block and the guard's loss and gradient norm in one
+    read."""
+    reads, parts = reads_per_step(tmp_path, OURS)
+    assert reads == [1] * STEPS
     assert len(parts.rule.windows) == 4
+
+
+@pytest.mark.parametrize("route", ["vectorized", "microbatch"])
+def test_shake_align_guard_still_skips_a_non_finite_batch_gradient(tmp_path, route):
+    """The guard that rides on Shake-to-Align's read sees the batch gradient (on either route) before the correction:
+    a NaN in the first backward skips that batch, and the rule keeps it out of its history, so the next 10 steps
+    train normally (one read each) and every parameter stays finite."""
+    seen: dict = {"backwards": 0}
+
+    def poison_first_backward(gradient: Tensor) -> Tensor:
+        seen["backwards"] += 1
+        return gradient * math.nan if seen["backwards"] == 1 else gradient
+
+    def poison(parts: RunParts) -> None:
+        next(p for n, p in parts.model.named_parameters() if "lora_A" in n).register_hook(poison_first_backward)
+        parts.rule.bind_optimizer = lambda optimizer: seen.update(optimizer=optimizer)
+
+    window = ["method.gradient.history.window_steps=20"]  # holds every step's statistics: the skipped one is absent
+    reads, parts = reads_per_step(tmp_path, [*OURS, f"method.gradient.route={route}", *window], before=poison)
+    assert reads == [1] * STEPS and seen["backwards"] > 1
+    assert {int(state["step"]) for state in seen["optimizer"].state.values()} == {STEPS}  # not STEPS + 1
+    assert all(p.isfinite().all() for p in parts.model.parameters())
+    windows = parts.rule.history.state_dict()["windows"]
+    assert {len(kept) for kept in windows.values()} == {STEPS}
+    assert all(math.isfinite(value) for kept in windows.values() for stats in kept for value in stats)
 
 
 def test_grit_reads_once_per_step_with_covariance_recordings_and_regularizer_refreshes(tmp_path):

@@ -48,6 +48,7 @@ class RuleOutputs:
 class GradientRule(Protocol):
     name: str
     clip_first: bool  # clip before `before_step` (a published quirk some rules reproduce); normally False
+    reads_in_before_step: bool  # before_step reads device values (one transfer per step): the guard's rides on it
 
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
         """Bind the rule to the model and its LoRA views (hooks go in here)."""
@@ -71,6 +72,11 @@ class GradientRule(Protocol):
     def before_step(self, step: int) -> Metrics:
         """Edit `.grad` in place before clipping; return metrics to log."""
 
+    def before_step_reading(self, step: int, guard: Callable[[], Tensor]) -> tuple[Metrics, list[float]]:
+        """`before_step` for a rule whose edit depends on device values it reads (`reads_in_before_step`): the
+        loop's non-finite guard (`guard()`: loss and gradient norm, a device tensor, taken once `.grad` holds the
+        batch gradient and before the rule edits it) is read in the same transfer; the metrics and its values."""
+
     def after_step(self, step: int, loss: float) -> Metrics:
         """Periodic work after the optimizer step (statistics, reprojection); return metrics to log."""
 
@@ -90,6 +96,7 @@ class RuleDefaults:
 
     name = "none"
     clip_first = False
+    reads_in_before_step = False
 
     def attach(self, model: nn.Module, lora_modules: dict[str, LoraView]) -> None:
         return None
@@ -114,6 +121,10 @@ class RuleDefaults:
 
     def before_step(self, step: int) -> Metrics:
         return {}
+
+    def before_step_reading(self, step: int, guard: Callable[[], Tensor]) -> tuple[Metrics, list[float]]:
+        values = guard().tolist()
+        return self.before_step(step), values
 
     def after_step(self, step: int, loss: float) -> Metrics:
         return {}

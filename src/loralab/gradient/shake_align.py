@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -181,6 +182,7 @@ class ShakeAlign(RuleDefaults):
     """The GradientRule: vote capture in `compute_gradients`, statistics and correction in `before_step`."""
 
     name = "shake_align"
+    reads_in_before_step = True
 
     def __init__(self, options: ShakeAlignOptions) -> None:
         self.o = options
@@ -302,8 +304,13 @@ class ShakeAlign(RuleDefaults):
             self.layout = (len(self.windows), votes.to(self.units.device))
         return self.layout[1]
 
-    @torch.no_grad()
     def before_step(self, step: int) -> Metrics:
+        return self.before_step_reading(step, None)[0]
+
+    @torch.no_grad()
+    def before_step_reading(self, step: int, guard: Callable[[], Tensor] | None) -> tuple[Metrics, list[float]]:
+        """Diagnose every block from the votes and correct the triggered ones; the statistics are read in one
+        transfer with the loop's guard (loss and gradient norm before the correction), the step's only read."""
         shared = [t for block in self.buffers.values() for t in (block.A, block.B)] + [self.units, *self.other_votes]
         collectives.all_mean_(shared)  # global votes
         weights, votes = self.window_weights(), self.vote_rows()
@@ -311,14 +318,23 @@ class ShakeAlign(RuleDefaults):
         parts = {name: block.parts(weights) for name, block in self.buffers.items()}
         self.set_batch_gradients(weights)
         if votes.shape[0] < 2:
-            return {"shake/skipped": 1.0, "shake/votes": float(votes.shape[0])}
+            skipped = {"shake/skipped": 1.0, "shake/votes": float(votes.shape[0])}
+            return skipped, [] if guard is None else guard().tolist()
 
-        values = torch.stack(
+        statistics = torch.stack(
             [
                 c2_values(*(votes @ (m @ m.T).double() @ votes.T for m in part), upstream=self.upstream)
                 for part in parts.values()
             ]
-        ).tolist()  # the step's statistics of every block in one host read: the trigger and the gates need them
+        )
+        # the statistics of every block, and the guard, in one host read: the trigger and the gates need them
+        guarded = statistics.new_zeros(0) if guard is None else guard().to(statistics)  # `.grad`: the batch's
+        flat = torch.cat([guarded, statistics.reshape(-1)]).tolist()
+        guard_values, rows, width = flat[: guarded.numel()], flat[guarded.numel() :], statistics.shape[1]
+        values = [rows[start : start + width] for start in range(0, len(rows), width)]
+        if not all(map(math.isfinite, flat)):  # the loop skips this batch: leave the history and .grad as they are
+            skipped = {"shake/skipped": 1.0, "shake/votes": float(votes.shape[0])}
+            return skipped, guard_values[:1] + [math.nan] * (len(guard_values) - 1)  # a NaN norm: the guard skips
         fresh = {name: C2Stats(*row) for name, row in zip(parts, values, strict=True)}
         smoothed = {name: self.history.update(name, stats) for name, stats in fresh.items()}
         triggered = triggered_blocks({b: s.metric(o.trigger.metric) for b, s in smoothed.items()}, o.trigger)
@@ -331,7 +347,7 @@ class ShakeAlign(RuleDefaults):
                 block_row(step + 1, name, len(self.windows), fresh[name], smoothed[name], applied.get(name))
                 for name in self.views
             ]
-        return step_metrics(smoothed, triggered, applied, votes.shape[0])
+        return step_metrics(smoothed, triggered, applied, votes.shape[0]), guard_values
 
     def consensus(
         self, core: Tensor, extension: Tensor, weights: Tensor, votes: Tensor

@@ -10,8 +10,9 @@ Under data parallelism (P processes) every micro-batch is split into P consecuti
 the gradients are averaged once per step, after the last micro-batch (see `micro_batches`).
 
 On a GPU every read of a device value waits for the device, so the loop reads once per step: the loss (summed on
-the device) and the gradient norm together, for the non-finite guard and the log; rules' tensor metrics are read
-only on steps that log (tests/test_host_syncs.py pins the count per method).
+the device) and the gradient norm together, for the non-finite guard and the log (a rule that reads to decide its
+edit, Shake-to-Align, carries them in its own read); rules' tensor metrics are read only on steps that log
+(tests/test_host_syncs.py pins the count per method).
 """
 
 from __future__ import annotations
@@ -347,12 +348,22 @@ def optimizer_steps(
             # the gradient rule edits .grad, then clip, step, schedule (clip first for rules that ask for it)
             if accelerator.scaler is not None:
                 accelerator.unscale_gradients()
-            rule_metrics = {} if rule.clip_first else rule.before_step(state.step)
-            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-            if rule.clip_first:
-                rule_metrics = rule.before_step(state.step)
-            # the step's one host read: loss and gradient norm together, for the non-finite guard and the log
-            loss_value, grad_norm = torch.stack([loss_sum, norm.double()]).tolist()
+            if rule.reads_in_before_step:
+                # the rule reads its statistics anyway: the guard (loss, gradient norm before the rule's edit) rides
+                # on that read, the step's one; the norm clipping then finds stays on the device
+                def guard(loss: Tensor = loss_sum) -> Tensor:
+                    grads = [p.grad for p in parameters if p.grad is not None]
+                    return torch.stack([loss, torch.nn.utils.get_total_norm(grads).double()])
+
+                rule_metrics, (loss_value, grad_norm) = rule.before_step_reading(state.step, guard)
+                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            else:
+                rule_metrics = {} if rule.clip_first else rule.before_step(state.step)
+                norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+                if rule.clip_first:
+                    rule_metrics = rule.before_step(state.step)
+                # the step's one host read: loss and gradient norm together, for the non-finite guard and the log
+                loss_value, grad_norm = torch.stack([loss_sum, norm.double()]).tolist()
             epoch_ended = state.position == 0
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
