@@ -228,6 +228,10 @@ CASES = {
         lambda t: spectral_edit(t, "--device", "gpu0"),
         r"device must be auto, cpu, cuda or cuda:N, got 'gpu0'",
     ),
+    "unknown metric in eval": (  # refused before the model runs
+        lambda t: evaluate(corrupt_adapter(t), "task.metrics=[acc]"),
+        r"task\.metrics: unknown metric 'acc' \(did you mean 'accuracy'\?\)$",
+    ),
     "unknown PEFT type": (
         lambda t: evaluate(adapter_config(t, {"peft_type": "FOOBAR"})),
         r"adapter_config\.json: unknown PEFT type 'FOOBAR'",

@@ -16,7 +16,7 @@ from loralab.data import TaskSpec, load_task, resolved_spec, task_spec
 from loralab.diffusion import load_diffusion_adapter, load_diffusion_model
 from loralab.errors import ConfigError, DataError
 from loralab.evaluation.dispatch import evaluate_in_views
-from loralab.evaluation.evaluate import EvalResult, evaluate_gsm8k
+from loralab.evaluation.evaluate import EvalResult, check_task_metrics, evaluate_gsm8k
 from loralab.evaluation.generate import Generator, HfGenerator, VllmGenerator
 from loralab.evaluation.gsm8k import get_profile, score_outputs
 from loralab.evaluation.metrics import compute_metrics, extract_answer
@@ -40,6 +40,7 @@ def evaluate_adapter(
     else:
         if config.eval.backend != "hf" or config.eval.fewshot is not None:
             raise ConfigError(f"eval.backend=vllm and eval.fewshot serve GSM8K-style tasks, not {config.task.name}")
+        check_task_metrics(task_spec(config.task))  # a misspelt metric fails now, not after the model has run
         seed_everything(config.seed)
         task = load_task(config.task)
         result = evaluate_classic(config, adapter_dir, task.spec, task.eval[: max_samples or config.eval.max_samples])
