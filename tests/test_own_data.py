@@ -230,6 +230,8 @@ def test_labels_the_names_do_not_hold_are_errors_not_silent_class_indices(tmp_pa
     )
     glue = load_task(own(tmp_path / "glue.jsonl", "classification", label_names=["neg", "pos"]))
     assert [e.reference for e in glue.train[:2]] == ["neg", "pos"]
+    with pytest.raises(DataError, match=r"row 2: label 1 is not in task\.label_names \(0, yes\)"):
+        load_task(own(tmp_path / "glue.jsonl", "classification", label_names=["0", "yes"]))  # "0" is a number too
     (tmp_path / "one.csv").write_text("text,label\n" + "x,pos\n" * 10)
     with pytest.raises(DataError, match=r"every label in column 'label' is 'pos'; a classifier needs two"):
         load_task(own(tmp_path / "one.csv", "classification"))

@@ -15,7 +15,7 @@ from typing import Any
 from loralab.config.schema import TaskConfig
 from loralab.config.tasks import DEFAULT_COLUMNS, REQUIRED_ROLES
 from loralab.data.synthetic import DEFAULT_SIZES, GENERATORS, generate
-from loralab.data.tasks import Example, Row, TaskData, TaskSpec, holdout_size, task_spec
+from loralab.data.tasks import Example, Row, TaskData, TaskSpec, holdout_size, number, task_spec
 from loralab.errors import DataError, did_you_mean, first_line
 
 READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -71,16 +71,6 @@ def inferred_labels(cfg: TaskConfig, train: Rows, origin: str) -> tuple[str, ...
     if all(n is not None for n in numbers):  # 2 before 10, also where a CSV gives them as text
         return tuple(str(v) for _, v in sorted(zip(numbers, values, strict=True)))
     return tuple(sorted(str(v) for v in values))
-
-
-def number(value: Any) -> float | None:
-    """A label as a number where it is one (1, 2.5, '10'), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def to_examples(spec: TaskSpec, rows: Rows, limit: int | None, origin: str) -> list[Example]:

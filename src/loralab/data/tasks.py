@@ -148,7 +148,8 @@ def label_index(spec: TaskSpec, value: Any) -> int:
     if str(value) in spec.label_names:
         return spec.label_names.index(str(value))
     index = class_index(value)
-    if index is not None and 0 <= index < len(spec.label_names) and not any(map(class_index, spec.label_names)):
+    numbered = any(class_index(name) is not None for name in spec.label_names)  # "0" counts: it is falsy, not None
+    if index is not None and 0 <= index < len(spec.label_names) and not numbered:
         return index
     raise DataError(f"label {value!r} is not in task.label_names ({', '.join(spec.label_names)})")
 
@@ -160,20 +161,29 @@ def class_index(value: Any) -> int | None:
     return int(value) if isinstance(value, str) and value.strip().isdigit() else None
 
 
-def required_text(spec: TaskSpec, row: Row, role: str) -> str:
-    """The text of a column role every row must fill: an empty cell is a data error, not the word 'None'."""
+def required(spec: TaskSpec, row: Row, role: str) -> Any:
+    """The value of a column role every row must fill: an empty cell is a data error, not the word 'None'."""
     value = cell(spec, row, role)
     if value is None:
         raise DataError(f"no {role} in column '{spec.columns[role]}'")
-    return str(value)
+    return value
+
+
+def number(value: Any) -> float | None:
+    """A value as a number where it is one (1, 2.5, '10'; not True), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def score(value: Any) -> float:
     """A regression label as a finite float."""
-    try:
-        label = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"label {value!r} is not a number") from None
+    label = number(value)
+    if label is None:
+        raise DataError(f"label {value!r} is not a number")
     if not math.isfinite(label):
         raise DataError(f"label {value!r} is not a finite number")
     return label
@@ -181,9 +191,7 @@ def score(value: Any) -> float:
 
 def classification_example(spec: TaskSpec, row: Row, index: int) -> Example:
     """A sentence or sentence pair and its label (a class index, or a float score for regression)."""
-    value = cell(spec, row, "label")
-    if value is None:
-        raise DataError(f"no label in column '{spec.columns['label']}'")
+    value = required(spec, row, "label")
     if spec.format == "regression":
         label: int | float = score(value)
         reference: Any = label
@@ -191,19 +199,14 @@ def classification_example(spec: TaskSpec, row: Row, index: int) -> Example:
         label = label_index(spec, value)
         reference = spec.label_names[label]
     return Example(
-        row_id(row, index), required_text(spec, row, "text"), cell(spec, row, "text_pair"), label, None, reference
+        row_id(row, index), str(required(spec, row, "text")), cell(spec, row, "text_pair"), label, None, reference
     )
 
 
 def sft_example(spec: TaskSpec, row: Row, index: int) -> Example:
     """A prompt (with its optional input) and the completion that carries the loss, through the SFT template."""
-    prompt, context, completion = (
-        required_text(spec, row, "prompt"),
-        cell(spec, row, "input"),
-        cell(spec, row, "completion"),
-    )
-    if completion is None:
-        raise DataError(f"no completion in column '{spec.columns['completion']}'")
+    prompt, context = str(required(spec, row, "prompt")), cell(spec, row, "input")
+    completion = required(spec, row, "completion")  # a string, or SQuAD's answers mapping
     if spec.label_names:  # classification as generation: the completion is the label's word
         completion = spec.label_names[label_index(spec, completion)]
     if spec.template in SFT_TEMPLATES:

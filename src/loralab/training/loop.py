@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -309,6 +310,12 @@ class Step:
         }
 
 
+def guard_values(loss_sum: Tensor, parameters: list[nn.Parameter]) -> Tensor:
+    """The non-finite guard's values on the device: the loss and the norm of the gradients `.grad` holds now."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.stack([loss_sum, torch.nn.utils.get_total_norm(grads).double()])
+
+
 def optimizer_steps(
     model: nn.Module,
     features: list[dict],
@@ -351,10 +358,7 @@ def optimizer_steps(
             if rule.reads_in_before_step:
                 # the rule reads its statistics anyway: the guard (loss, gradient norm before the rule's edit) rides
                 # on that read, the step's one; the norm clipping then finds stays on the device
-                def guard(loss: Tensor = loss_sum) -> Tensor:
-                    grads = [p.grad for p in parameters if p.grad is not None]
-                    return torch.stack([loss, torch.nn.utils.get_total_norm(grads).double()])
-
+                guard = partial(guard_values, loss_sum, parameters)
                 rule_metrics, (loss_value, grad_norm) = rule.before_step_reading(state.step, guard)
                 torch.nn.utils.clip_grad_norm_(parameters, max_norm)
             else:
